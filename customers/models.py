@@ -1,0 +1,188 @@
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models.functions import Lower
+from simple_history.models import HistoricalRecords
+from timezone_field import TimeZoneField
+
+from .fields import EncryptedJSONField
+
+PER_MINUTE_MAX = 1_000_000
+
+
+class ProviderAccount(models.Model):
+    """The mail provider account a customer sends through; several customers may share one."""
+
+    class Kind(models.TextChoices):
+        SANDBOX = "sandbox", "Sandbox (local, records every send)"
+        SMTP = "smtp", "SMTP"
+        AMAZON_SES = "amazon_ses", "Amazon SES v2"
+        POSTMARK = "postmark", "Postmark"
+
+    name = models.CharField(max_length=200, unique=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.SANDBOX)
+    settings = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Non-secret settings: host and port for SMTP, region for SES, an ESP's API URL.",
+    )
+    credentials = EncryptedJSONField(
+        blank=True,
+        help_text="Secrets (passwords, API keys), encrypted at rest and never shown back.",
+    )
+    per_minute_cap = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(PER_MINUTE_MAX)],
+        help_text="The provider's own limit per calendar minute for this account.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(per_minute_cap__gte=1, per_minute_cap__lte=PER_MINUTE_MAX),
+                name="provider_cap_in_range",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.name} ({self.get_kind_display()})"
+
+    def clean(self):
+        if self.pk is None:
+            return
+        too_high = SendLimit.objects.filter(
+            customer__provider_account=self, per_minute__gt=self.per_minute_cap
+        ).select_related("customer")
+        if too_high:
+            names = ", ".join(f"{limit.customer} ({limit.per_minute}/min)" for limit in too_high)
+            raise ValidationError(
+                {"per_minute_cap": f"These customers send faster than this cap: {names}."}
+            )
+
+
+class Customer(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=80, unique=True)
+    time_zone = TimeZoneField(default="UTC", help_text="Schedules are shown in this time zone.")
+    default_from_email = models.EmailField()
+    default_reply_to = models.EmailField(blank=True)
+    provider_account = models.ForeignKey(
+        ProviderAccount,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="customers",
+        help_text="Required before this customer can send.",
+    )
+    is_active = models.BooleanField(default=True)
+    notes = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class SendLimit(models.Model):
+    """How fast one customer may send. Edited while a send runs; every change is recorded."""
+
+    customer = models.OneToOneField(Customer, on_delete=models.CASCADE, related_name="send_limit")
+    per_minute = models.PositiveIntegerField(
+        default=600,
+        validators=[MinValueValidator(1), MaxValueValidator(PER_MINUTE_MAX)],
+        help_text="Sends per calendar minute; never more than the provider account's cap.",
+    )
+    max_workers = models.PositiveSmallIntegerField(
+        default=5, validators=[MinValueValidator(1), MaxValueValidator(100)]
+    )
+    batch_size = models.PositiveSmallIntegerField(
+        default=500, validators=[MinValueValidator(1), MaxValueValidator(1000)]
+    )
+    concurrency = models.PositiveSmallIntegerField(
+        default=16,
+        validators=[MinValueValidator(1), MaxValueValidator(64)],
+        help_text="Provider calls one worker keeps in flight.",
+    )
+    guard_ms = models.PositiveSmallIntegerField(
+        default=250,
+        validators=[MinValueValidator(0), MaxValueValidator(5000)],
+        help_text="Margin kept free at both ends of each minute for clock skew and latency.",
+    )
+    paused = models.BooleanField(
+        default=False, help_text="Customer-wide brake: no new batches for any message."
+    )
+    history = HistoricalRecords()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(per_minute__gte=1, per_minute__lte=PER_MINUTE_MAX),
+                name="send_limit_per_minute_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(max_workers__gte=1, max_workers__lte=100),
+                name="send_limit_max_workers_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(batch_size__gte=1, batch_size__lte=1000),
+                name="send_limit_batch_size_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(concurrency__gte=1, concurrency__lte=64),
+                name="send_limit_concurrency_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(guard_ms__lte=5000), name="send_limit_guard_in_range"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.per_minute}/min, {self.max_workers} workers"
+
+    def clean(self):
+        account = self.customer.provider_account if self.customer_id else None
+        if account and self.per_minute and self.per_minute > account.per_minute_cap:
+            raise ValidationError(
+                {
+                    "per_minute": f"The provider account {account.name} allows at most "
+                    f"{account.per_minute_cap} per minute."
+                }
+            )
+
+
+class Suppression(models.Model):
+    """An address a customer must not mail; the claim path marks such recipients suppressed."""
+
+    class Reason(models.TextChoices):
+        UNSUBSCRIBED = "unsubscribed", "Unsubscribed"
+        HARD_BOUNCE = "hard_bounce", "Hard bounce"
+        COMPLAINT = "complaint", "Complaint"
+        MANUAL = "manual", "Added by staff"
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="suppressions")
+    email = models.EmailField(max_length=254)
+    reason = models.CharField(max_length=20, choices=Reason.choices, default=Reason.MANUAL)
+    source = models.CharField(
+        max_length=200, blank=True, help_text="Where it came from: a webhook, an import, a person."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                "customer", Lower("email"), name="suppression_unique_customer_email"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.email} ({self.get_reason_display()})"

@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRODUCTION_ENV = {
+    "DEBUG": "false",
+    "SECRET_KEY": "x" * 20 + "-production-secret-key-with-enough-entropy-0123456789",
+    "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    "ALLOWED_HOSTS": "emailops.internal",
+    "CSRF_TRUSTED_ORIGINS": "https://emailops.internal",
+}
+
+
+def _manage(*args, env):
+    clean = {k: v for k, v in os.environ.items() if k not in PRODUCTION_ENV}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_deploy_is_clean_with_production_values(tmp_path):
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        env={**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize("missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY"])
+def test_production_refuses_to_start_without_its_secrets(tmp_path, missing):
+    env = {**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)}
+    env[missing] = ""
+    result = _manage("check", env=env)
+    assert result.returncode != 0
+    assert f"{missing} must be set when DEBUG is off" in result.stderr
+
+
+def test_development_generates_a_secret_key_once_and_keeps_it(tmp_path):
+    env = {"DEBUG": "true", "EMAILOPS_VAR_DIR": str(tmp_path), "SECRET_KEY": ""}
+    assert _manage("check", env=env).returncode == 0
+    first = (tmp_path / "secret_key").read_text()
+    assert _manage("check", env=env).returncode == 0
+    assert (tmp_path / "secret_key").read_text() == first
+    assert len(first) >= 50
