@@ -154,6 +154,17 @@ RECIPIENT_DATA_RETENTION_DAYS = env.int("RECIPIENT_DATA_RETENTION_DAYS", default
 # Largest recipient CSV accepted by the admin import.
 RECIPIENT_IMPORT_MAX_BYTES = env.int("RECIPIENT_IMPORT_MAX_BYTES", default=50 * 1024 * 1024)
 
+# Sending engine.
+# The provider's counting window: 60 s in production; tests use short windows.
+SEND_WINDOW_MS = env.int("SEND_WINDOW_MS", default=60_000)
+# A worker's per-send provider timeout: after this long past a minute's end nothing started in
+# that minute can still arrive, so its open leases stop being charged to the next minute.
+SEND_TIMEOUT_MS = env.int("SEND_TIMEOUT_MS", default=5_000)
+# Seconds a worker token lives; refreshed at every check-in.
+WORKER_TOKEN_MAX_AGE = env.int("WORKER_TOKEN_MAX_AGE", default=300)
+# Temporary provider failures are retried this many times before a recipient is marked failed.
+SEND_MAX_ATTEMPTS = env.int("SEND_MAX_ATTEMPTS", default=3)
+
 # Security. Defaults are strict when DEBUG is off; each can be relaxed by its variable.
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)

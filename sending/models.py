@@ -132,3 +132,133 @@ class Recipient(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL_STATUSES
+
+
+class Worker(models.Model):
+    """One worker invocation (a Lambda invocation or a local process) serving one customer."""
+
+    class Runtime(models.TextChoices):
+        LOCAL = "local", "Local"
+        LAMBDA = "lambda", "AWS Lambda"
+
+    class State(models.TextChoices):
+        STARTING = "starting", "Starting"
+        RUNNING = "running", "Running"
+        STOPPED = "stopped", "Stopped"
+        LOST = "lost", "Lost (missed its check-ins)"
+
+    LIVE_STATES = (State.STARTING, State.RUNNING)
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="workers")
+    runtime = models.CharField(max_length=10, choices=Runtime.choices, default=Runtime.LOCAL)
+    request_id = models.CharField(
+        max_length=100, blank=True, help_text="The runtime's id for the invocation."
+    )
+    state = models.CharField(max_length=10, choices=State.choices, default=State.STARTING)
+    last_seq = models.PositiveIntegerField(
+        default=0, help_text="Sequence number of the last check-in answered."
+    )
+    last_response = models.JSONField(
+        null=True, blank=True, help_text="Answer to last_seq, replayed if the worker retries it."
+    )
+    rate_per_s = models.FloatField(null=True, blank=True, help_text="Measured sends per second.")
+    throttled = models.BooleanField(
+        default=False, help_text="The provider throttled its last batch."
+    )
+    stop_reason = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    last_checkin_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["customer", "state"], name="worker_customer_state")]
+
+    def __str__(self):
+        return f"worker {self.pk} ({self.get_state_display()})"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in self.LIVE_STATES
+
+
+class Lease(models.Model):
+    """A batch of recipients granted to a worker for one calendar minute.
+
+    `recipient_ids` is in the order the worker starts them; the worker reports `started_through`
+    (how many of them it may have started) before each chunk, so a worker that dies leaves at
+    most one chunk in doubt: on expiry, recipients past the mark go back to the queue and those
+    up to it without a result become `unknown`.
+    """
+
+    class State(models.TextChoices):
+        OPEN = "open", "Open"
+        SETTLED = "settled", "Settled by the worker's report"
+        EXPIRED = "expired", "Expired and reclaimed"
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="leases")
+    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="leases")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.OPEN)
+    minute_start = models.DateTimeField(help_text="The calendar minute this batch is charged to.")
+    size = models.PositiveIntegerField()
+    recipient_ids = models.JSONField(default=list)
+    granted_at = models.DateTimeField()
+    start_at = models.DateTimeField(help_text="Sends may start from here …")
+    stop_starting_at = models.DateTimeField(help_text="… until here.")
+    minute_ends_in_ms = models.PositiveIntegerField(
+        help_text="The minute's end, relative to the grant, as told to the worker."
+    )
+    started_through = models.PositiveIntegerField(
+        default=0, help_text="How many recipients, in order, the worker may have started."
+    )
+    expires_at = models.DateTimeField()
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["customer", "minute_start"],
+                condition=models.Q(state="open"),
+                name="lease_open_by_minute",
+            ),
+            models.Index(
+                fields=["expires_at"], condition=models.Q(state="open"), name="lease_open_expiry"
+            ),
+        ]
+
+    def __str__(self):
+        return f"lease {self.pk} ({self.size} recipients)"
+
+
+class CustomerMinute(models.Model):
+    """One row per customer per calendar minute: the pacing ledger and the charts' source.
+
+    Budget used in a minute = granted - refunded + carried_in (+ recipients still in open leases of
+    the previous minute, which may yet arrive in this one).
+    """
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="minutes")
+    minute_start = models.DateTimeField()
+    cap = models.PositiveIntegerField(help_text="The per-minute cap in force when last granted.")
+    granted = models.PositiveIntegerField(default=0)
+    refunded = models.PositiveIntegerField(default=0)
+    carried_in = models.PositiveIntegerField(
+        default=0, help_text="Sends of the previous minute that may have arrived in this one."
+    )
+    sent = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    throttled = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-minute_start"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["customer", "minute_start"], name="customer_minute_unique"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.customer} @ {self.minute_start:%Y-%m-%d %H:%M:%S}"
+
+    @property
+    def charged(self) -> int:
+        return self.granted - self.refunded + self.carried_in

@@ -1,0 +1,168 @@
+"""The worker API's request bodies, parsed and validated (docs: sending/openapi.yaml).
+
+Parsing never touches the database; anything malformed raises BadRequest naming every field that
+is wrong, which the view answers with 400.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+MAX_RESULTS = 1000  # a batch is at most 1,000 recipients (SendLimit.batch_size)
+MAX_ERROR_CHARS = 2000
+
+
+class BadRequest(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    FAILED = "failed"  # the provider refused it; `permanent` says whether a retry could help
+    THROTTLED = "throttled"  # the provider said "too many"; not sent, goes back to the queue
+    NOT_STARTED = "not_started"  # never handed to the provider; goes back to the queue
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    outcome: Outcome
+    provider_id: str = ""
+    permanent: bool = False
+    error: str = ""
+    done_ms: int | None = None  # when the provider's answer came, ms after the grant arrived
+
+
+@dataclass(frozen=True)
+class Report:
+    lease_id: int
+    elapsed_ms: int
+    results: tuple[Result, ...]
+
+
+@dataclass(frozen=True)
+class CheckinRequest:
+    worker_id: int
+    seq: int
+    request_id: str
+    report: Report | None
+
+
+@dataclass(frozen=True)
+class ProgressRequest:
+    worker_id: int
+    lease_id: int
+    started_through: int
+
+
+def _int(obj: dict, key: str, problems: list[str], *, where: str, minimum: int = 0) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{where}{key}: required, an integer")
+        return 0
+    if value < minimum:
+        problems.append(f"{where}{key}: must be ≥ {minimum}")
+    return value
+
+
+def _object(body: Any, problems: list[str]) -> dict:
+    if not isinstance(body, dict):
+        problems.append("body: must be a JSON object")
+        return {}
+    return body
+
+
+def _result(raw: Any, index: int, problems: list[str]) -> Result | None:
+    where = f"report.results[{index}]."
+    if not isinstance(raw, dict):
+        problems.append(f"report.results[{index}]: must be an object")
+        return None
+    before = len(problems)
+    recipient_id = _int(raw, "id", problems, where=where, minimum=1)
+    try:
+        outcome = Outcome(raw.get("status"))
+    except ValueError:
+        choices = ", ".join(o.value for o in Outcome)
+        problems.append(f"{where}status: one of {choices}")
+        outcome = Outcome.NOT_STARTED
+    provider_id = raw.get("provider_id", "")
+    error = raw.get("error", "")
+    permanent = raw.get("permanent", False)
+    done_ms = raw.get("done_ms")
+    if not isinstance(provider_id, str) or len(provider_id) > 255:
+        problems.append(f"{where}provider_id: a string of at most 255 characters")
+    if not isinstance(error, str):
+        problems.append(f"{where}error: a string")
+    if not isinstance(permanent, bool):
+        problems.append(f"{where}permanent: true or false")
+    if done_ms is not None and (
+        isinstance(done_ms, bool) or not isinstance(done_ms, int) or done_ms < 0
+    ):
+        problems.append(f"{where}done_ms: a non-negative integer")
+    if outcome is Outcome.SENT and not provider_id:
+        problems.append(f"{where}provider_id: required when status is sent")
+    if outcome in (Outcome.SENT, Outcome.FAILED) and done_ms is None:
+        problems.append(f"{where}done_ms: required when status is {outcome.value}")
+    if len(problems) > before:
+        return None
+    return Result(
+        id=recipient_id,
+        outcome=outcome,
+        provider_id=provider_id,
+        permanent=permanent,
+        error=error[:MAX_ERROR_CHARS],
+        done_ms=done_ms,
+    )
+
+
+def _report(raw: Any, problems: list[str]) -> Report | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        problems.append("report: must be an object or null")
+        return None
+    lease_id = _int(raw, "lease_id", problems, where="report.", minimum=1)
+    elapsed_ms = _int(raw, "elapsed_ms", problems, where="report.")
+    raw_results = raw.get("results")
+    if not isinstance(raw_results, list):
+        problems.append("report.results: required, a list")
+        return None
+    if len(raw_results) > MAX_RESULTS:
+        problems.append(f"report.results: at most {MAX_RESULTS} entries")
+        return None
+    results = tuple(_result(r, i, problems) for i, r in enumerate(raw_results))
+    ids = [r.id for r in results if r]
+    if len(ids) != len(set(ids)):
+        problems.append("report.results: a recipient id appears more than once")
+    return Report(lease_id=lease_id, elapsed_ms=elapsed_ms, results=results)  # type: ignore[arg-type]
+
+
+def parse_checkin(body: Any) -> CheckinRequest:
+    problems: list[str] = []
+    obj = _object(body, problems)
+    worker_id = _int(obj, "worker_id", problems, where="", minimum=1) if obj else 0
+    seq = _int(obj, "seq", problems, where="", minimum=1) if obj else 0
+    request_id = obj.get("request_id", "")
+    if not isinstance(request_id, str) or len(request_id) > 100:
+        problems.append("request_id: a string of at most 100 characters")
+    report = _report(obj.get("report"), problems)
+    unknown = set(obj) - {"worker_id", "seq", "request_id", "report"}
+    if unknown:
+        problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
+    if problems:
+        raise BadRequest(problems)
+    return CheckinRequest(worker_id=worker_id, seq=seq, request_id=request_id, report=report)
+
+
+def parse_progress(body: Any) -> ProgressRequest:
+    problems: list[str] = []
+    obj = _object(body, problems)
+    if obj:
+        worker_id = _int(obj, "worker_id", problems, where="", minimum=1)
+        lease_id = _int(obj, "lease_id", problems, where="", minimum=1)
+        started_through = _int(obj, "started_through", problems, where="")
+    if problems:
+        raise BadRequest(problems)
+    return ProgressRequest(worker_id=worker_id, lease_id=lease_id, started_through=started_through)

@@ -1,0 +1,174 @@
+"""The recipient queue's hot path: claim, record, reclaim. One statement each, never one per row.
+
+PostgreSQL claims with `FOR UPDATE SKIP LOCKED` on a keyset (id > the message's claim cursor)
+and records through `UPDATE … FROM unnest(…)`. SQLite, the embedded default, runs the same shape
+of statements without row locks (its writers are serialized) and reads the rows to record from
+`json_each`.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import connection
+
+from .models import Recipient
+
+QUEUED = Recipient.Status.QUEUED.value
+LEASED = Recipient.Status.LEASED.value
+SENT = Recipient.Status.SENT.value
+FAILED = Recipient.Status.FAILED.value
+UNKNOWN = Recipient.Status.UNKNOWN.value
+SUPPRESSED = Recipient.Status.SUPPRESSED.value
+# Not a stored status: a temporary failure, queued again unless attempts are used up.
+RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    message_id: int
+    email: str
+    merge_data: dict
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    leased: list[Claimed]
+    suppressed: int
+    scanned: int  # rows taken off the queue (leased + suppressed)
+    last_id: int  # the highest id taken, the message's next claim cursor
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to write for one recipient of a lease."""
+
+    id: int
+    status: str  # SENT, FAILED, RETRY, QUEUED (not started / throttled) or UNKNOWN
+    provider_id: str = ""
+    error: str = ""
+    attempted: bool = False
+    sent_at: datetime | None = None
+
+
+def _is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> ClaimResult:
+    """Take up to `limit` queued recipients of a message with id > after_id, oldest first.
+
+    Addresses on the customer's suppression list are marked suppressed in the same statement and
+    are not leased.
+    """
+    lock = "FOR UPDATE SKIP LOCKED" if _is_postgres() else ""
+    sql = f"""
+        WITH picked AS (
+            SELECT id FROM sending_recipient
+            WHERE message_id = %s AND status = %s AND id > %s
+            ORDER BY id LIMIT %s {lock}
+        )
+        UPDATE sending_recipient SET status = CASE
+            WHEN EXISTS (
+                SELECT 1 FROM customers_suppression s
+                WHERE s.customer_id = %s AND lower(s.email) = lower(sending_recipient.email)
+            ) THEN %s ELSE %s END
+        WHERE id IN (SELECT id FROM picked)
+        RETURNING id, status, email, merge_data
+    """  # noqa: S608 - only the lock clause is interpolated, from a constant
+    params = [message_id, QUEUED, after_id, limit, customer_id, SUPPRESSED, LEASED]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    leased = []
+    suppressed = 0
+    for recipient_id, status, email, merge_data in sorted(rows):
+        if status == SUPPRESSED:
+            suppressed += 1
+            continue
+        if isinstance(merge_data, str):  # SQLite returns JSON as text
+            merge_data = json.loads(merge_data)
+        leased.append(Claimed(recipient_id, message_id, email, merge_data or {}))
+    last_id = max((row[0] for row in rows), default=after_id)
+    return ClaimResult(leased=leased, suppressed=suppressed, scanned=len(rows), last_id=last_id)
+
+
+def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
+    """Write a lease's outcomes in one statement; only rows still leased are touched.
+
+    Returns the number of rows written.
+    """
+    if not outcomes:
+        return 0
+    status_expr = """CASE
+            WHEN u.status = %s AND r.attempts + 1 >= %s THEN %s
+            WHEN u.status = %s THEN %s
+            ELSE u.status END"""
+    status_params = [RETRY, max_attempts, FAILED, RETRY, QUEUED]
+    assignments = f"""
+        status = {status_expr},
+        attempts = r.attempts + u.attempted,
+        provider_message_id = CASE WHEN u.provider_id <> '' THEN u.provider_id
+                                   ELSE r.provider_message_id END,
+        last_error = CASE WHEN u.error <> '' THEN u.error ELSE r.last_error END,
+        sent_at = COALESCE(u.sent_at, r.sent_at)
+    """
+    if _is_postgres():
+        sql = f"""
+            UPDATE sending_recipient AS r SET {assignments}
+            FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[],
+                        %s::timestamptz[]) AS u(id, status, provider_id, error, attempted, sent_at)
+            WHERE r.id = u.id AND r.status = %s
+        """  # noqa: S608 - constant SQL fragments only
+        params = [
+            *status_params,
+            [o.id for o in outcomes],
+            [o.status for o in outcomes],
+            [o.provider_id for o in outcomes],
+            [o.error for o in outcomes],
+            [int(o.attempted) for o in outcomes],
+            [o.sent_at for o in outcomes],
+            LEASED,
+        ]
+    else:
+        sql = f"""
+            UPDATE sending_recipient AS r SET {assignments}
+            FROM (
+                SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
+                       value ->> '$.provider_id' AS provider_id, value ->> '$.error' AS error,
+                       value ->> '$.attempted' AS attempted, value ->> '$.sent_at' AS sent_at
+                FROM json_each(%s)
+            ) AS u
+            WHERE r.id = u.id AND r.status = %s
+        """  # noqa: S608 - constant SQL fragments only
+        rows = [
+            {
+                "id": o.id,
+                "status": o.status,
+                "provider_id": o.provider_id,
+                "error": o.error,
+                "attempted": int(o.attempted),
+                "sent_at": _sqlite_datetime(o.sent_at),
+            }
+            for o in outcomes
+        ]
+        params = [*status_params, json.dumps(rows), LEASED]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    # Django stores aware datetimes in SQLite as naive UTC text "YYYY-MM-DD HH:MM:SS.ffffff".
+    if value is None:
+        return None
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def release(ids: Sequence[int], *, status: str) -> int:
+    """Move still-leased recipients to `status` (QUEUED or UNKNOWN) in one statement."""
+    if not ids:
+        return 0
+    return Recipient.objects.filter(id__in=list(ids), status=LEASED).update(status=status)
