@@ -68,7 +68,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('name', models.CharField(max_length=200, unique=True)),
                 ('kind', models.CharField(choices=[('sandbox', 'Sandbox (local, records every send)'), ('smtp', 'SMTP'), ('amazon_ses', 'Amazon SES v2'), ('postmark', 'Postmark')], default='sandbox', max_length=20)),
-                ('settings', models.JSONField(blank=True, default=dict, help_text='Non-secret settings: host and port for SMTP, region for SES, API URL for an ESP.')),
+                ('settings', models.JSONField(blank=True, default=dict, help_text="Non-secret settings: host and port for SMTP, region for SES, an ESP's API URL.")),
                 ('credentials', customers.fields.EncryptedJSONField(blank=True, help_text='Secrets (passwords, API keys), encrypted at rest and never shown back.')),
                 ('per_minute_cap', models.PositiveIntegerField(help_text="The provider's own limit per calendar minute for this account.", validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(1000000)])),
                 ('created_at', models.DateTimeField(auto_now_add=True)),

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('customers', '0002_workers_leases_minutes'),
+        ('customers', '0001_initial'),
         ('sending', '0001_initial'),
     ]
 
