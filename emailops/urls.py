@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 admin.site.site_header = "EmailOps"
 admin.site.site_title = "EmailOps"
@@ -7,4 +7,5 @@ admin.site.index_title = "Customers, messages and sends"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/worker/v1/", include("sending.urls")),
 ]

@@ -39,6 +39,9 @@ class Message(models.Model):
     purged_at = models.DateTimeField(
         null=True, blank=True, help_text="When recipients' addresses and merge data were purged."
     )
+    claim_after = models.BigIntegerField(
+        default=0, editable=False, help_text="Keyset cursor: recipients up to this id were claimed."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -206,6 +209,10 @@ class Lease(models.Model):
     stop_starting_at = models.DateTimeField(help_text="… until here.")
     minute_ends_in_ms = models.PositiveIntegerField(
         help_text="The minute's end, relative to the grant, as told to the worker."
+    )
+    guard_ms = models.PositiveIntegerField(help_text="The guard band in force for this grant.")
+    may_cross = models.BooleanField(
+        default=True, help_text="Whether its sends may arrive after its minute ends."
     )
     started_through = models.PositiveIntegerField(
         default=0, help_text="How many recipients, in order, the worker may have started."

@@ -163,6 +163,9 @@ def parse_progress(body: Any) -> ProgressRequest:
         worker_id = _int(obj, "worker_id", problems, where="", minimum=1)
         lease_id = _int(obj, "lease_id", problems, where="", minimum=1)
         started_through = _int(obj, "started_through", problems, where="")
+        unknown = set(obj) - {"worker_id", "lease_id", "started_through"}
+        if unknown:
+            problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
     if problems:
         raise BadRequest(problems)
     return ProgressRequest(worker_id=worker_id, lease_id=lease_id, started_through=started_through)

@@ -1,0 +1,105 @@
+"""The worker API (v1): thin views that authenticate, parse, call a service and serialize.
+
+Described in sending/openapi.yaml, served at /api/worker/v1/openapi.yaml. The views are async
+and run the service in a worker thread of their own (not Django's single thread for sync code),
+so concurrent check-ins really run concurrently, each on its own database connection.
+"""
+
+import json
+from pathlib import Path
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from . import checkin as service
+from . import protocol, tokens
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+def _error(status: int, message: str, problems: list[str] | None = None) -> JsonResponse:
+    body: dict = {"error": message}
+    if problems:
+        body["problems"] = problems
+    response = JsonResponse(body, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="emailops-worker"'
+    return response
+
+
+def _claims(request: HttpRequest) -> tokens.WorkerClaims:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise tokens.TokenRejected("missing bearer token")
+    return tokens.verify(token.strip())
+
+
+def _body(request: HttpRequest):
+    if request.content_type != "application/json":
+        raise protocol.BadRequest(["Content-Type must be application/json"])
+    if len(request.body) > MAX_BODY_BYTES:
+        raise protocol.BadRequest([f"body is larger than {MAX_BODY_BYTES} bytes"])
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise protocol.BadRequest([f"body is not valid JSON: {exc}"]) from exc
+
+
+def _in_thread(func, *args, **kwargs):
+    # What Django does around every request, for this thread's own connection: drop it when it
+    # is broken or past CONN_MAX_AGE.
+    close_old_connections()
+    try:
+        return func(*args, **kwargs)
+    finally:
+        close_old_connections()
+
+
+async def _handle(request: HttpRequest, parse, call) -> HttpResponse:
+    try:
+        claims = _claims(request)
+    except tokens.TokenRejected as exc:
+        return _error(401, f"Unauthorized: {exc}")
+    try:
+        parsed = parse(_body(request))
+    except protocol.BadRequest as exc:
+        return _error(400, "Bad request", exc.problems)
+    try:
+        result = await sync_to_async(_in_thread, thread_sensitive=False)(call, claims, parsed)
+    except service.Forbidden as exc:
+        return _error(403, f"Forbidden: {exc}")
+    except service.Conflict as exc:
+        return _error(409, f"Conflict: {exc}")
+    if result is None:
+        return HttpResponse(status=204)
+    return JsonResponse(result)
+
+
+@csrf_exempt
+@require_POST
+async def checkin(request: HttpRequest) -> HttpResponse:
+    return await _handle(
+        request,
+        protocol.parse_checkin,
+        lambda claims, parsed: service.checkin(claims=claims, request=parsed),
+    )
+
+
+@csrf_exempt
+@require_POST
+async def progress(request: HttpRequest) -> HttpResponse:
+    return await _handle(
+        request,
+        protocol.parse_progress,
+        lambda claims, parsed: service.progress(claims=claims, request=parsed),
+    )
+
+
+@require_GET
+def openapi(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(OPENAPI_PATH.read_bytes(), content_type="application/yaml")

@@ -1,0 +1,421 @@
+"""Worker check-ins: record the last batch, decide, claim the next batch — in one transaction.
+
+Per check-in, in this order (locks always taken in the same order, so check-ins cannot deadlock):
+1. the worker's row (FOR UPDATE): a repeated sequence number replays the stored answer;
+2. the customer's SendLimit row (FOR UPDATE): serializes the customer's budget accounting, so
+   concurrent check-ins can never grant the same minute's budget twice;
+3. record the reported lease with one statement (`queue.record`) and settle its minute;
+4. ask `pacing.decide` and, for a grant, claim recipients (`queue.claim`, oldest-started message
+   first) and charge the minute.
+Everything the worker needs to send comes back in the answer; the worker never reads the database.
+"""
+
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Sum
+
+from customers.models import SendLimit
+
+from . import pacing, queue, tokens
+from .models import CustomerMinute, Lease, Message, Recipient, Worker
+from .protocol import CheckinRequest, Outcome, ProgressRequest, Report
+
+API_VERSION = "v1"
+
+
+class Conflict(Exception):
+    """The request does not fit the worker's state (409): nothing was recorded."""
+
+
+class Forbidden(Exception):
+    """The token does not allow this (403)."""
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The server's time for one check-in, read once."""
+
+    now_ms: int
+
+    @classmethod
+    def read(cls) -> "Clock":
+        return cls(time.time_ns() // 1_000_000)
+
+    @property
+    def now(self) -> datetime:
+        return ms_to_datetime(self.now_ms)
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    return round(value.timestamp() * 1000)
+
+
+def limits_for(send_limit: SendLimit) -> pacing.Limits:
+    return pacing.Limits(
+        per_minute=send_limit.per_minute,
+        batch_size=send_limit.batch_size,
+        max_workers=send_limit.max_workers,
+        concurrency=send_limit.concurrency,
+        guard_ms=send_limit.guard_ms,
+        window_ms=settings.SEND_WINDOW_MS,
+        paused=send_limit.paused,
+        spill_hold_ms=settings.SEND_TIMEOUT_MS,
+    )
+
+
+def worker_start(*, customer_id: int, runtime: str = Worker.Runtime.LOCAL) -> tuple[Worker, str]:
+    """Register a worker about to be invoked and mint its first token."""
+    worker = Worker.objects.create(customer_id=customer_id, runtime=runtime)
+    return worker, tokens.mint(customer_id=customer_id, worker_id=worker.pk)
+
+
+def _load_worker(claims: tokens.WorkerClaims, worker_id: int) -> Worker:
+    if worker_id != claims.worker_id:
+        raise Forbidden("this token belongs to another worker")
+    worker = Worker.objects.select_for_update().filter(pk=worker_id).first()
+    if worker is None or worker.customer_id != claims.customer_id:
+        raise Forbidden("this token does not allow this worker")
+    return worker
+
+
+def checkin(
+    *, claims: tokens.WorkerClaims, request: CheckinRequest, clock: Clock | None = None
+) -> dict:
+    clock = clock or Clock.read()
+    with transaction.atomic():
+        worker = _load_worker(claims, request.worker_id)
+        token = tokens.mint(customer_id=worker.customer_id, worker_id=worker.pk)
+        if worker.request_id and request.request_id != worker.request_id:
+            # A second delivery of the same invocation (Lambda async invokes can repeat): the
+            # first one to check in owns the worker; the other must not send anything.
+            return {
+                "api": API_VERSION,
+                "seq": request.seq,
+                "decision": "stop",
+                "reason": "another invocation already runs as this worker",
+                "token": token,
+            }
+        if request.seq == worker.last_seq and worker.last_response is not None:
+            return {**worker.last_response, "token": token}
+        if request.seq != worker.last_seq + 1:
+            raise Conflict(f"seq {request.seq} is out of order: expected {worker.last_seq + 1}")
+        send_limit = SendLimit.objects.select_for_update().get(customer_id=worker.customer_id)
+        limits = limits_for(send_limit)
+        lease = Lease.objects.filter(worker=worker, state=Lease.State.OPEN).first()
+        _check_report(lease, request.report)
+        if lease is not None:
+            _settle(worker=worker, lease=lease, report=request.report, clock=clock)
+
+        if worker.is_live:
+            answer = _decide(worker=worker, limits=limits, send_limit=send_limit, clock=clock)
+        else:
+            answer = {"decision": "stop", "reason": f"worker is {worker.state}"}
+        if answer["decision"] == "stop" and worker.is_live:
+            worker.state = Worker.State.STOPPED
+            worker.stop_reason = answer["reason"]
+            worker.stopped_at = clock.now
+        elif worker.state == Worker.State.STARTING:
+            worker.state = Worker.State.RUNNING
+        answer = {"api": API_VERSION, "seq": request.seq, **answer}
+        worker.request_id = request.request_id
+        worker.last_seq = request.seq
+        worker.last_response = answer
+        worker.last_checkin_at = clock.now
+        worker.save()
+    return {**answer, "token": token}
+
+
+def _check_report(lease: Lease | None, report: Report | None) -> None:
+    if report is None:
+        if lease is not None:
+            raise Conflict(f"lease {lease.pk} is open: report it before asking for more")
+        return
+    if lease is None or report.lease_id != lease.pk:
+        raise Conflict(f"lease {report.lease_id} is not this worker's open lease")
+    members = set(lease.recipient_ids)
+    strangers = [r.id for r in report.results if r.id not in members]
+    if strangers:
+        shown = ", ".join(str(i) for i in strangers[:10])
+        raise Conflict(f"recipients not in lease {lease.pk}: {shown}")
+
+
+def _outcome(result, granted_at: datetime) -> queue.Outcome:
+    done_at = granted_at + timedelta(milliseconds=result.done_ms or 0)
+    if result.outcome is Outcome.SENT:
+        return queue.Outcome(
+            result.id, queue.SENT, provider_id=result.provider_id, attempted=True, sent_at=done_at
+        )
+    if result.outcome is Outcome.FAILED:
+        status = queue.FAILED if result.permanent else queue.RETRY
+        return queue.Outcome(result.id, status, error=result.error, attempted=True)
+    return queue.Outcome(result.id, queue.QUEUED, error=result.error)
+
+
+def _settle(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> None:
+    """Record a lease's results (one statement) and move its budget between minutes."""
+    by_id = {r.id: r for r in report.results}
+    outcomes = []
+    for position, recipient_id in enumerate(lease.recipient_ids):
+        result = by_id.get(recipient_id)
+        if result is not None:
+            outcomes.append(_outcome(result, lease.granted_at))
+        elif position < lease.started_through:
+            # Not accounted for but possibly started: never re-sent automatically.
+            outcomes.append(queue.Outcome(recipient_id, queue.UNKNOWN))
+        else:
+            outcomes.append(queue.Outcome(recipient_id, queue.QUEUED))
+    queue.record(outcomes, max_attempts=settings.SEND_MAX_ATTEMPTS)
+
+    counts = {o: 0 for o in Outcome}
+    for result in report.results:
+        counts[result.outcome] += 1
+    started = [r for r in report.results if r.outcome in (Outcome.SENT, Outcome.FAILED)]
+    not_started = counts[Outcome.NOT_STARTED] + sum(
+        1
+        for position, rid in enumerate(lease.recipient_ids)
+        if rid not in by_id and position >= lease.started_through
+    )
+    settlement = pacing.settle(
+        lease=_pacing_lease(lease),
+        report=pacing.Report(
+            sent=counts[Outcome.SENT],
+            failed=counts[Outcome.FAILED],
+            not_started=not_started,
+            throttled=counts[Outcome.THROTTLED],
+            done_ms=[r.done_ms for r in started if r.done_ms is not None],
+        ),
+    )
+    _apply_settlement(lease, settlement)
+    lease.state = Lease.State.SETTLED
+    lease.settled_at = clock.now
+    lease.save(update_fields=["state", "settled_at"])
+    worker.rate_per_s = pacing.next_rate(worker.rate_per_s, len(started), report.elapsed_ms)
+    worker.throttled = counts[Outcome.THROTTLED] > 0
+
+
+def _pacing_lease(lease: Lease) -> pacing.Lease:
+    granted_ms = datetime_to_ms(lease.granted_at)
+    return pacing.Lease(
+        minute_start_ms=datetime_to_ms(lease.minute_start),
+        size=lease.size,
+        minute_ends_in_ms=lease.minute_ends_in_ms,
+        guard_ms=lease.guard_ms,
+        stop_starting_in_ms=datetime_to_ms(lease.stop_starting_at) - granted_ms,
+        expires_in_ms=datetime_to_ms(lease.expires_at) - granted_ms,
+        may_cross=lease.may_cross,
+    )
+
+
+def _minute(customer_id: int, minute_start: datetime, cap: int) -> CustomerMinute:
+    row, _ = CustomerMinute.objects.get_or_create(
+        customer_id=customer_id, minute_start=minute_start, defaults={"cap": cap}
+    )
+    return row
+
+
+def _apply_settlement(lease: Lease, settlement: pacing.Settlement) -> None:
+    window = timedelta(milliseconds=settings.SEND_WINDOW_MS)
+    CustomerMinute.objects.filter(
+        customer_id=lease.customer_id, minute_start=lease.minute_start
+    ).update(
+        refunded=F("refunded") + settlement.refund,
+        sent=F("sent") + settlement.sent,
+        failed=F("failed") + settlement.failed,
+        throttled=F("throttled") + settlement.throttled,
+    )
+    if settlement.crossed:
+        following = lease.minute_start + window
+        row = _minute(lease.customer_id, following, cap=0)
+        CustomerMinute.objects.filter(pk=row.pk).update(
+            carried_in=F("carried_in") + settlement.crossed
+        )
+
+
+def _decide(*, worker: Worker, limits: pacing.Limits, send_limit: SendLimit, clock: Clock) -> dict:
+    customer_id = worker.customer_id
+    minute_ms = pacing.minute_start(clock.now_ms, limits.window_ms)
+    minute_start = ms_to_datetime(minute_ms)
+    row = _minute(customer_id, minute_start, cap=limits.per_minute)
+    previous = minute_start - timedelta(milliseconds=limits.window_ms)
+    # Equal to pacing.open_spill() over the previous minute's open leases, summed in SQL.
+    open_spill = (
+        Lease.objects.filter(
+            customer_id=customer_id, state=Lease.State.OPEN, minute_start=previous, may_cross=True
+        ).aggregate(n=Sum("size"))["n"]
+        or 0
+    )
+    # Counting is capped: decide needs the backlog only up to what a minute or the pool can use.
+    backlog_cap = max(limits.per_minute, limits.batch_size * limits.max_workers) + 1
+    backlog = Recipient.objects.filter(
+        message__customer_id=customer_id,
+        message__status=Message.Status.SENDING,
+        status=Recipient.Status.QUEUED,
+    )[:backlog_cap].count()
+    running = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
+    decision = pacing.decide(
+        now_ms=clock.now_ms,
+        limits=limits,
+        ledger=pacing.MinuteLedger(
+            minute_start_ms=minute_ms,
+            granted=row.granted,
+            refunded=row.refunded,
+            carried_in=row.carried_in,
+            throttled=row.throttled,
+        ),
+        open_spill=open_spill,
+        backlog=backlog,
+        worker=pacing.WorkerView(rate_per_s=worker.rate_per_s, throttled=worker.throttled),
+        running_workers=running,
+    )
+    if isinstance(decision, pacing.Stop):
+        return {"decision": "stop", "reason": decision.reason}
+    if isinstance(decision, pacing.Wait):
+        return {"decision": "wait", "wait_ms": decision.ms}
+    return _grant(worker=worker, grant=decision, row=row, limits=limits, clock=clock)
+
+
+def _grant(
+    *, worker: Worker, grant: pacing.Grant, row: CustomerMinute, limits: pacing.Limits, clock: Clock
+) -> dict:
+    leased: list[queue.Claimed] = []
+    messages = list(
+        Message.objects.filter(customer_id=worker.customer_id, status=Message.Status.SENDING)
+        .select_related("customer")
+        .order_by("started_at", "id")
+    )
+    for message in messages:
+        leased += _claim_from(message, grant.size - len(leased))
+        if len(leased) >= grant.size:
+            break
+    if not leased:
+        # Another check-in took the last of the queue between our count and our claim.
+        return {"decision": "wait", "wait_ms": 1000}
+    granted_at = clock.now
+    terms = pacing.Lease.from_grant(replace(grant, size=len(leased)), limits)
+    lease = Lease.objects.create(
+        customer_id=worker.customer_id,
+        worker=worker,
+        minute_start=ms_to_datetime(grant.minute_start_ms),
+        size=len(leased),
+        recipient_ids=[c.id for c in leased],
+        granted_at=granted_at,
+        start_at=granted_at + timedelta(milliseconds=grant.start_in_ms),
+        stop_starting_at=granted_at + timedelta(milliseconds=grant.stop_starting_in_ms),
+        minute_ends_in_ms=terms.minute_ends_in_ms,
+        guard_ms=terms.guard_ms,
+        may_cross=terms.may_cross,
+        expires_at=granted_at + timedelta(milliseconds=terms.expires_in_ms),
+    )
+    CustomerMinute.objects.filter(pk=row.pk).update(
+        granted=F("granted") + len(leased), cap=limits.per_minute
+    )
+    used = {c.message_id for c in leased}
+    return {
+        "decision": "send",
+        "batch": {
+            "lease_id": lease.pk,
+            "start_in_ms": grant.start_in_ms,
+            "stop_starting_in_ms": grant.stop_starting_in_ms,
+            "minute_ends_in_ms": grant.minute_ends_in_ms,
+            "concurrency": limits.concurrency,
+            "messages": {str(m.pk): _message_payload(m) for m in messages if m.pk in used},
+            "recipients": [
+                {"id": c.id, "message": c.message_id, "to": c.email, "merge": c.merge_data}
+                for c in leased
+            ],
+        },
+    }
+
+
+def _claim_from(message: Message, wanted: int) -> list[queue.Claimed]:
+    """Claim from one message, past its keyset cursor; rescan once from the start when the
+    cursor reaches the end, so recipients returned to the queue are found again."""
+    leased: list[queue.Claimed] = []
+    after = message.claim_after
+    for attempt in range(2):
+        while len(leased) < wanted:
+            need = wanted - len(leased)
+            result = queue.claim(
+                customer_id=message.customer_id, message_id=message.pk, after_id=after, limit=need
+            )
+            leased += result.leased
+            after = result.last_id
+            if result.scanned < need:
+                break  # this pass reached the end of the queue
+        if len(leased) >= wanted or attempt == 1 or message.claim_after == 0:
+            break
+        after = 0
+    if after != message.claim_after:
+        Message.objects.filter(pk=message.pk).update(claim_after=after)
+    return leased
+
+
+def _message_payload(message: Message) -> dict:
+    customer = message.customer
+    return {
+        "subject": message.subject,
+        "text": message.text_body,
+        "html": message.html_body,
+        "from_email": message.from_email or customer.default_from_email,
+        "reply_to": message.reply_to or customer.default_reply_to,
+    }
+
+
+def progress(*, claims: tokens.WorkerClaims, request: ProgressRequest) -> None:
+    """Record how far into its lease a worker may have started sends (monotone)."""
+    if request.worker_id != claims.worker_id:
+        raise Forbidden("this token belongs to another worker")
+    lease = (
+        Lease.objects.filter(pk=request.lease_id, worker_id=request.worker_id)
+        .select_related("worker")
+        .first()
+    )
+    if lease is None or lease.worker.customer_id != claims.customer_id:
+        raise Conflict(f"lease {request.lease_id} is not this worker's")
+    if lease.state != Lease.State.OPEN:
+        raise Conflict(f"lease {request.lease_id} is {lease.state}")
+    if request.started_through > lease.size:
+        raise Conflict(
+            f"started_through {request.started_through} is past the lease's {lease.size}"
+        )
+    Lease.objects.filter(pk=lease.pk, started_through__lt=request.started_through).update(
+        started_through=request.started_through
+    )
+
+
+def reclaim_expired_leases(*, clock: Clock | None = None) -> int:
+    """Settle leases whose worker never reported: recipients past the started mark go back to the
+    queue, those up to it become unknown, and the whole lease stays charged to the next minute.
+
+    Returns the number of leases reclaimed. Safe to run concurrently (SKIP LOCKED on PostgreSQL).
+    """
+    clock = clock or Clock.read()
+    reclaimed = 0
+    with transaction.atomic():
+        expired = list(
+            Lease.objects.select_for_update(skip_locked=True)
+            .filter(state=Lease.State.OPEN, expires_at__lte=clock.now)
+            .order_by("id")[:500]
+        )
+        for lease in expired:
+            in_doubt = lease.recipient_ids[: lease.started_through]
+            not_started = lease.recipient_ids[lease.started_through :]
+            queue.release(in_doubt, status=queue.UNKNOWN)
+            queue.release(not_started, status=queue.QUEUED)
+            _apply_settlement(lease, pacing.settle_expired(lease=_pacing_lease(lease)))
+            lease.state = Lease.State.EXPIRED
+            lease.settled_at = clock.now
+            lease.save(update_fields=["state", "settled_at"])
+            Worker.objects.filter(pk=lease.worker_id, state__in=Worker.LIVE_STATES).update(
+                state=Worker.State.LOST, stopped_at=clock.now, stop_reason="lease expired"
+            )
+            reclaimed += 1
+    return reclaimed

@@ -1,0 +1,406 @@
+"""Check-ins end to end through the service and through the real HTTP views."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.core import signing
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+
+from customers.models import Customer, SendLimit, Suppression
+from sending import checkin, tokens
+from sending.checkin import Clock
+from sending.models import CustomerMinute, Lease, Message, Recipient
+from sending.protocol import parse_checkin, parse_progress
+
+WINDOW_MS = 60_000
+# 1.5 s into a calendar minute: inside the window, far from both guard bands.
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % WINDOW_MS + 1_500
+
+
+def make_customer(slug="state-u", *, per_minute=600, batch_size=50, max_workers=5):
+    customer = Customer.objects.create(name=slug, slug=slug, default_from_email=f"news@{slug}.edu")
+    SendLimit.objects.create(
+        customer=customer, per_minute=per_minute, batch_size=batch_size, max_workers=max_workers
+    )
+    return customer
+
+
+def make_message(customer, n, *, started_minutes_ago=0, subject="Hello {{ first_name }}"):
+    message = Message.objects.create(
+        customer=customer,
+        subject=subject,
+        text_body="Hi {{ first_name }}",
+        status=Message.Status.SENDING,
+        started_at=timezone.now() - timedelta(minutes=started_minutes_ago),
+    )
+    Recipient.objects.bulk_create(
+        Recipient(message=message, email=f"s{i}@{customer.slug}.edu", merge_data={"first_name": i})
+        for i in range(n)
+    )
+    return message
+
+
+def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1"):
+    body = {"worker_id": worker.pk, "seq": seq, "request_id": request_id, "report": report}
+    return checkin.checkin(
+        claims=tokens.verify(token), request=parse_checkin(body), clock=Clock(at)
+    )
+
+
+def report_all_sent(answer, *, done_ms=100):
+    batch = answer["batch"]
+    return {
+        "lease_id": batch["lease_id"],
+        "elapsed_ms": 500,
+        "results": [
+            {"id": r["id"], "status": "sent", "provider_id": f"p{r['id']}", "done_ms": done_ms}
+            for r in batch["recipients"]
+        ],
+    }
+
+
+@pytest.fixture
+def customer(db):
+    return make_customer()
+
+
+def test_first_checkin_grants_a_batch_inside_the_guarded_minute(customer):
+    message = make_message(customer, 120)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    answer = call(worker, token, 1)
+    assert answer["decision"] == "send"
+    batch = answer["batch"]
+    assert len(batch["recipients"]) == 50
+    assert batch["minute_ends_in_ms"] == WINDOW_MS - 1_500
+    assert 0 == batch["start_in_ms"] < batch["stop_starting_in_ms"] <= WINDOW_MS - 1_500 - 250
+    assert batch["messages"][str(message.pk)]["subject"] == "Hello {{ first_name }}"
+    assert batch["messages"][str(message.pk)]["from_email"] == "news@state-u.edu"
+    assert batch["recipients"][0]["merge"] == {"first_name": 0}
+    assert Recipient.objects.filter(status="leased").count() == 50
+    minute = CustomerMinute.objects.get(customer=customer)
+    assert (minute.granted, minute.cap) == (50, 600)
+    assert tokens.verify(answer["token"]).worker_id == worker.pk
+    worker.refresh_from_db()
+    assert (worker.state, worker.last_seq, worker.request_id) == ("running", 1, "inv-1")
+
+
+def test_a_report_is_recorded_and_the_next_batch_granted(customer):
+    make_message(customer, 120)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    second = call(worker, first["token"], 2, report_all_sent(first), at=T0 + 600)
+    assert second["decision"] == "send"
+    sent_ids = [r["id"] for r in first["batch"]["recipients"]]
+    rows = Recipient.objects.filter(id__in=sent_ids)
+    assert {r.status for r in rows} == {"sent"}
+    assert all(r.provider_message_id == f"p{r.id}" for r in rows)
+    assert not set(sent_ids) & {r["id"] for r in second["batch"]["recipients"]}
+    assert Lease.objects.get(pk=first["batch"]["lease_id"]).state == "settled"
+    minute = CustomerMinute.objects.get(customer=customer)
+    assert (minute.granted, minute.sent, minute.refunded, minute.carried_in) == (100, 50, 0, 0)
+    worker.refresh_from_db()
+    assert worker.rate_per_s == pytest.approx(100.0)  # 50 sends in 500 ms
+
+
+def test_not_started_and_throttled_are_refunded_and_queued_again(customer):
+    make_message(customer, 10)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    report = {
+        "lease_id": first["batch"]["lease_id"],
+        "elapsed_ms": 100,
+        "results": [
+            {"id": ids[0], "status": "sent", "provider_id": "x", "done_ms": 50},
+            {"id": ids[1], "status": "throttled", "error": "429 Too Many Requests"},
+            *({"id": i, "status": "not_started"} for i in ids[2:]),
+        ],
+    }
+    answer = call(worker, first["token"], 2, report, at=T0 + 200)
+    minute = CustomerMinute.objects.get(customer=customer)
+    assert (minute.refunded, minute.throttled, minute.sent) == (9, 1, 1)
+    assert Recipient.objects.filter(status="queued").count() == 9
+    # A throttled worker waits for the next minute.
+    assert answer == {**answer, "decision": "wait", "wait_ms": WINDOW_MS - 1_700}
+
+
+def test_late_answers_are_carried_into_the_next_minute(customer):
+    make_message(customer, 10)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    late = first["batch"]["minute_ends_in_ms"] - 100  # inside the trailing guard band
+    call(worker, first["token"], 2, report_all_sent(first, done_ms=late), at=T0 + WINDOW_MS)
+    following = CustomerMinute.objects.get(
+        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+    )
+    assert following.carried_in == 10
+
+
+def test_a_repeated_seq_replays_the_stored_answer_and_claims_nothing(customer):
+    make_message(customer, 200)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    again = call(worker, first["token"], 1, at=T0 + 50)
+    assert again["batch"] == first["batch"]
+    assert Recipient.objects.filter(status="leased").count() == 50
+    assert Lease.objects.count() == 1
+
+
+def test_an_out_of_order_seq_is_a_conflict(customer):
+    make_message(customer, 10)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    with pytest.raises(checkin.Conflict, match="expected 1"):
+        call(worker, token, 2)
+
+
+def test_a_report_naming_a_stranger_is_refused_and_records_nothing(customer):
+    message = make_message(customer, 60)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    outsider = Recipient.objects.filter(message=message, status="queued").first()
+    report = report_all_sent(first)
+    report["results"].append(
+        {"id": outsider.pk, "status": "sent", "provider_id": "z", "done_ms": 1}
+    )
+    with pytest.raises(checkin.Conflict, match=str(outsider.pk)):
+        call(worker, first["token"], 2, report)
+    assert not Recipient.objects.filter(status="sent").exists()
+    assert Lease.objects.get().state == "open"
+    worker.refresh_from_db()
+    assert worker.last_seq == 1
+
+
+def test_an_open_lease_must_be_reported_before_more_is_granted(customer):
+    make_message(customer, 100)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    with pytest.raises(checkin.Conflict, match="report it"):
+        call(worker, first["token"], 2)
+
+
+def test_paused_customer_and_empty_queue_stop_the_worker(customer):
+    make_message(customer, 0)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    assert call(worker, token, 1) == {**call(worker, token, 1), "decision": "stop"}
+    worker.refresh_from_db()
+    assert (worker.state, worker.stop_reason) == ("stopped", "done")
+
+    make_message(customer, 5)
+    SendLimit.objects.filter(customer=customer).update(paused=True)
+    other, token = checkin.worker_start(customer_id=customer.pk)
+    assert call(other, token, 1)["reason"] == "paused"
+
+
+def test_suppressed_addresses_are_skipped_at_claim(customer):
+    make_message(customer, 3)
+    Suppression.objects.create(customer=customer, email="S1@state-u.edu", reason="unsubscribed")
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    answer = call(worker, token, 1)
+    assert [r["to"] for r in answer["batch"]["recipients"]] == ["s0@state-u.edu", "s2@state-u.edu"]
+    assert Recipient.objects.get(email="s1@state-u.edu").status == "suppressed"
+    assert CustomerMinute.objects.get(customer=customer).granted == 2
+
+
+def test_the_oldest_started_message_is_served_first(customer):
+    newer = make_message(customer, 30, started_minutes_ago=1)
+    older = make_message(customer, 30, started_minutes_ago=5, subject="Older")
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    answer = call(worker, token, 1)
+    by_message = [r["message"] for r in answer["batch"]["recipients"]]
+    assert by_message == [older.pk] * 30 + [newer.pk] * 20
+    assert set(answer["batch"]["messages"]) == {str(older.pk), str(newer.pk)}
+
+
+def test_a_second_delivery_of_the_same_worker_is_told_to_stop(customer):
+    make_message(customer, 100)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    call(worker, token, 1, request_id="inv-1")
+    duplicate = call(worker, token, 1, request_id="inv-1-again")
+    assert duplicate["decision"] == "stop"
+    assert Recipient.objects.filter(status="leased").count() == 50
+
+
+def test_the_minute_budget_is_never_exceeded(customer):
+    SendLimit.objects.filter(customer=customer).update(per_minute=120, max_workers=4)
+    make_message(customer, 1000)
+    workers = {}
+    for _ in range(4):
+        worker, token = checkin.worker_start(customer_id=customer.pk)
+        workers[worker.pk] = [worker, token, 1, None]
+    granted, at = 0, T0
+    while workers:
+        for key, (worker, token, seq, report) in list(workers.items()):
+            at += 10
+            answer = call(worker, token, seq, report, at=at)
+            if answer["decision"] != "send":
+                del workers[key]
+                continue
+            granted += len(answer["batch"]["recipients"])
+            workers[key] = [worker, answer["token"], seq + 1, report_all_sent(answer)]
+    assert granted == 120
+    assert CustomerMinute.objects.get(customer=customer).granted == 120
+
+
+def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
+    make_message(customer, 50)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    # Granted two seconds before the minute ends: its sends may arrive in the next minute.
+    answer = call(worker, token, 1, at=T0 - 1_500 + WINDOW_MS - 2_000)
+    lease_id = answer["batch"]["lease_id"]
+    ids = [r["id"] for r in answer["batch"]["recipients"]]
+    checkin.progress(
+        claims=tokens.verify(answer["token"]),
+        request=parse_progress(
+            {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 20}
+        ),
+    )
+    lease = Lease.objects.get(pk=lease_id)
+    assert (
+        checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at) - 1))
+        == 0
+    )
+    assert (
+        checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at))) == 1
+    )
+    statuses = dict(Recipient.objects.filter(id__in=ids).values_list("id", "status"))
+    assert {statuses[i] for i in ids[:20]} == {"unknown"}
+    assert {statuses[i] for i in ids[20:]} == {"queued"}
+    assert Lease.objects.get(pk=lease_id).state == "expired"
+    worker.refresh_from_db()
+    assert worker.state == "lost"
+    assert lease.may_cross
+    following = CustomerMinute.objects.get(
+        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+    )
+    assert following.carried_in == 50
+
+
+def test_unknown_recipients_are_not_offered_again(customer):
+    make_message(customer, 50)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    answer = call(worker, token, 1)
+    lease = Lease.objects.get(pk=answer["batch"]["lease_id"])
+    Lease.objects.filter(pk=lease.pk).update(started_through=50)
+    checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at)))
+    worker2, token2 = checkin.worker_start(customer_id=customer.pk)
+    later = checkin.datetime_to_ms(lease.expires_at) + 1000
+    assert call(worker2, token2, 1, at=later)["decision"] == "stop"
+
+
+# --- the HTTP views --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch):
+    monkeypatch.setattr(Clock, "read", classmethod(lambda cls: cls(T0)))
+
+
+@pytest.fixture
+def api(transactional_db, fixed_clock, monkeypatch):
+    # The view runs the service in a thread of its own, on its own connection, so the data must
+    # be committed to be seen, and that connection closed after each call so that the test
+    # database can be dropped at the end.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    customer = make_customer("http-u")
+    make_message(customer, 100)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    return customer, worker, token
+
+
+def post(path, body, token=None, content_type="application/json"):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return Client().post(f"/api/worker/v1/{path}", data, content_type=content_type, **headers)
+
+
+def test_http_checkin_grants_and_refreshes_the_token(api):
+    _, worker, token = api
+    response = post("checkin", {"worker_id": worker.pk, "seq": 1}, token)
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["decision"] == "send" and len(body["batch"]["recipients"]) == 50
+    assert tokens.verify(body["token"]) == tokens.WorkerClaims(worker.customer_id, worker.pk)
+
+
+def test_http_missing_forged_and_expired_tokens_are_401(api, settings):
+    _, worker, token = api
+    body = {"worker_id": worker.pk, "seq": 1}
+    assert post("checkin", body).status_code == 401
+    forged = signing.dumps(
+        {"c": worker.customer_id, "w": worker.pk}, key="not-our-key", salt=tokens.SALT
+    )
+    response = post("checkin", body, forged)
+    assert response.status_code == 401
+    assert "signature" in response.json()["error"]
+    settings.WORKER_TOKEN_MAX_AGE = -1
+    response = post("checkin", body, token)
+    assert response.status_code == 401
+    assert "expired" in response.json()["error"]
+    assert not Lease.objects.exists()
+
+
+def test_http_another_customers_token_is_403(api):
+    _, worker, _ = api
+    other = make_customer("other-u")
+    _, other_token = checkin.worker_start(customer_id=other.pk)
+    response = post("checkin", {"worker_id": worker.pk, "seq": 1}, other_token)
+    assert response.status_code == 403
+    assert not Lease.objects.exists()
+
+
+def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
+    _, worker, token = api
+    response = post("checkin", "{not json", token)
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["problems"][0]
+    response = post("checkin", {"worker_id": "seven", "seq": 0, "extra": 1}, token)
+    assert response.status_code == 400
+    problems = response.json()["problems"]
+    assert "worker_id: required, an integer" in problems
+    assert "seq: must be ≥ 1" in problems
+    assert "unknown fields: extra" in problems
+    report = {"lease_id": 1, "elapsed_ms": 5, "results": [{"id": 3, "status": "bounced"}]}
+    response = post("checkin", {"worker_id": worker.pk, "seq": 1, "report": report}, token)
+    assert (
+        "report.results[0].status: one of sent, failed, throttled, not_started"
+        in (response.json()["problems"])
+    )
+    assert (
+        post("checkin", {"worker_id": worker.pk, "seq": 1}, token, "text/plain").status_code == 400
+    )
+    assert Client().get("/api/worker/v1/checkin").status_code == 405
+    assert not Lease.objects.exists()
+
+
+def test_http_report_outside_the_lease_is_409(api):
+    customer, worker, token = api
+    body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
+    outsider = Recipient.objects.filter(message__customer=customer, status="queued").first()
+    report = {
+        "lease_id": body["batch"]["lease_id"],
+        "elapsed_ms": 10,
+        "results": [{"id": outsider.pk, "status": "sent", "provider_id": "x", "done_ms": 5}],
+    }
+    response = post("checkin", {"worker_id": worker.pk, "seq": 2, "report": report}, body["token"])
+    assert response.status_code == 409
+    assert not Recipient.objects.filter(status="sent").exists()
+
+
+def test_http_progress_is_recorded(api):
+    _, worker, token = api
+    body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
+    lease_id = body["batch"]["lease_id"]
+    progress = {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 16}
+    assert post("progress", progress, body["token"]).status_code == 204
+    assert Lease.objects.get(pk=lease_id).started_through == 16
+    progress["started_through"] = 51
+    assert post("progress", progress, body["token"]).status_code == 409
+
+
+def test_http_openapi_is_served(client):
+    response = client.get("/api/worker/v1/openapi.yaml")
+    assert response.status_code == 200
+    assert b"openapi: 3.0.3" in response.content
