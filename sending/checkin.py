@@ -288,7 +288,7 @@ def _grant(
     leased: list[queue.Claimed] = []
     messages = list(
         Message.objects.filter(customer_id=worker.customer_id, status=Message.Status.SENDING)
-        .select_related("customer")
+        .select_related("customer__provider_account")
         .order_by("started_at", "id")
     )
     for message in messages:
@@ -326,6 +326,7 @@ def _grant(
             "stop_starting_in_ms": grant.stop_starting_in_ms,
             "minute_ends_in_ms": grant.minute_ends_in_ms,
             "concurrency": limits.concurrency,
+            "provider": _provider_payload(messages[0].customer),
             "messages": {str(m.pk): _message_payload(m) for m in messages if m.pk in used},
             "recipients": [
                 {"id": c.id, "message": c.message_id, "to": c.email, "merge": c.merge_data}
@@ -356,6 +357,19 @@ def _claim_from(message: Message, wanted: int) -> list[queue.Claimed]:
     if after != message.claim_after:
         Message.objects.filter(pk=message.pk).update(claim_after=after)
     return leased
+
+
+def _provider_payload(customer) -> dict | None:
+    """How the worker reaches the customer's provider (credentials travel only over the API)."""
+    account = customer.provider_account
+    if account is None:
+        return None
+    return {
+        "kind": account.kind,
+        "settings": account.settings,
+        "credentials": account.credentials,
+        "per_minute_cap": account.per_minute_cap,
+    }
 
 
 def _message_payload(message: Message) -> dict:
