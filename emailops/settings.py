@@ -165,6 +165,25 @@ WORKER_TOKEN_MAX_AGE = env.int("WORKER_TOKEN_MAX_AGE", default=300)
 # Temporary provider failures are retried this many times before a recipient is marked failed.
 SEND_MAX_ATTEMPTS = env.int("SEND_MAX_ATTEMPTS", default=3)
 
+# Workers: "local" (threads or processes on this machine, the embedded default) or "lambda".
+WORKER_RUNTIME = env.str("WORKER_RUNTIME", default="local")
+LOCAL_WORKER_MODE = env.str("LOCAL_WORKER_MODE", default="thread")
+LOCAL_WORKER_TIMEOUT_S = env.float("LOCAL_WORKER_TIMEOUT_S", default=60)
+WORKER_API_URL = env.str("WORKER_API_URL", default="http://127.0.0.1:8000/api/worker/v1/")
+LAMBDA_FUNCTION_NAME = env.str("LAMBDA_FUNCTION_NAME", default="emailops-worker")
+AWS_REGION = env.str("AWS_REGION", default="us-east-1")
+# Conductor: one tick per customer about every CONDUCTOR_TICK_MS; a chain that stops renewing its
+# lease for CONDUCTOR_LEASE_S is replaced by the watchdog (run by beat every WATCHDOG_S).
+CONDUCTOR_TICK_MS = env.int("CONDUCTOR_TICK_MS", default=500)
+CONDUCTOR_LEASE_S = env.float("CONDUCTOR_LEASE_S", default=5)
+WATCHDOG_S = env.float("WATCHDOG_S", default=2)
+CELERY_BEAT_SCHEDULE = {
+    "watchdog": {"task": "sending.tasks.watchdog", "schedule": WATCHDOG_S},
+}
+# The container gets 120 s (Fargate's maximum stop timeout) to stop; ticks take well under a
+# second, so a warm shutdown finishes long before.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=60)
+
 # Security. Defaults are strict when DEBUG is off; each can be relaxed by its variable.
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)

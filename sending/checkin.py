@@ -405,21 +405,30 @@ def progress(*, claims: tokens.WorkerClaims, request: ProgressRequest) -> None:
     )
 
 
-def reclaim_expired_leases(*, clock: Clock | None = None) -> int:
+def reclaim_expired_leases(*, clock: Clock | None = None, customer_id: int | None = None) -> int:
     """Settle leases whose worker never reported: recipients past the started mark go back to the
-    queue, those up to it become unknown, and the whole lease stays charged to the next minute.
+    queue, those up to it become unknown, and what may have crossed stays charged to the next
+    minute. The worker is marked lost.
 
-    Returns the number of leases reclaimed. Safe to run concurrently (SKIP LOCKED on PostgreSQL).
+    Each lease is settled in a transaction of its own that takes the same locks, in the same
+    order, as a check-in (worker, then the customer's SendLimit), so a late check-in and a reclaim
+    never both settle a lease, and the minute's budget is never read half-updated.
+    Returns the number of leases reclaimed.
     """
     clock = clock or Clock.read()
+    due = Lease.objects.filter(state=Lease.State.OPEN, expires_at__lte=clock.now)
+    if customer_id is not None:
+        due = due.filter(customer_id=customer_id)
     reclaimed = 0
-    with transaction.atomic():
-        expired = list(
-            Lease.objects.select_for_update(skip_locked=True)
-            .filter(state=Lease.State.OPEN, expires_at__lte=clock.now)
-            .order_by("id")[:500]
-        )
-        for lease in expired:
+    for lease_id, worker_id, lease_customer in due.order_by("id").values_list(
+        "id", "worker_id", "customer_id"
+    )[:500]:
+        with transaction.atomic():
+            Worker.objects.select_for_update().filter(pk=worker_id).first()
+            SendLimit.objects.select_for_update().filter(customer_id=lease_customer).first()
+            lease = Lease.objects.filter(pk=lease_id, state=Lease.State.OPEN).first()
+            if lease is None:
+                continue  # its worker reported while we waited for the lock
             in_doubt = lease.recipient_ids[: lease.started_through]
             not_started = lease.recipient_ids[lease.started_through :]
             queue.release(in_doubt, status=queue.UNKNOWN)
@@ -428,7 +437,7 @@ def reclaim_expired_leases(*, clock: Clock | None = None) -> int:
             lease.state = Lease.State.EXPIRED
             lease.settled_at = clock.now
             lease.save(update_fields=["state", "settled_at"])
-            Worker.objects.filter(pk=lease.worker_id, state__in=Worker.LIVE_STATES).update(
+            Worker.objects.filter(pk=worker_id, state__in=Worker.LIVE_STATES).update(
                 state=Worker.State.LOST, stopped_at=clock.now, stop_reason="lease expired"
             )
             reclaimed += 1

@@ -269,3 +269,23 @@ class CustomerMinute(models.Model):
     @property
     def charged(self) -> int:
         return self.granted - self.refunded + self.carried_in
+
+
+class ConductorLease(models.Model):
+    """Which conductor chain runs a customer's sends: at most one at a time.
+
+    Taken and renewed with one conditional UPDATE (works on both databases): a chain holds it
+    while it keeps renewing; once `expires_at` passes, the watchdog starts a new chain that takes
+    it over.
+    """
+
+    customer = models.OneToOneField(
+        Customer, on_delete=models.CASCADE, primary_key=True, related_name="conductor_lease"
+    )
+    holder = models.CharField(max_length=64, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    ticks = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self):
+        return f"conductor of {self.customer_id}: {self.holder or 'none'}"

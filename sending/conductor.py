@@ -1,0 +1,269 @@
+"""The conductor: per customer, keep the right number of workers running and tidy up after them.
+
+A conductor is a chain of short ticks (one Celery task per tick, see tasks.py), so one customer's
+conductor never waits for another's longer than a tick, and a Celery worker can stop within a
+tick. Only one chain runs per customer: each tick first takes or renews the customer's
+ConductorLease with one conditional UPDATE. A chain that dies stops renewing; once its lease
+expires (CONDUCTOR_LEASE_S) the watchdog starts a new chain, which takes the lease over.
+
+Each tick, in small steps that tests call one at a time:
+1. reclaim the customer's expired leases (recipients past the started mark back to the queue,
+   the rest unknown) and mark workers that stopped checking in as lost;
+2. complete messages with nothing queued or leased;
+3. start workers while work fits this minute and fewer than needed run (pacing.workers_needed,
+   never more than max_workers), invoking them after commit;
+4. publish a live sample to the customer's channel-layer group, after commit.
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Avg, Count, Exists, OuterRef, Q
+
+from customers.models import SendLimit
+
+from . import checkin, pacing, services
+from .checkin import Clock
+from .models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
+
+log = logging.getLogger(__name__)
+
+
+def lease_seconds() -> float:
+    return float(getattr(settings, "CONDUCTOR_LEASE_S", 5))
+
+
+def tick_seconds() -> float:
+    return float(getattr(settings, "CONDUCTOR_TICK_MS", 500)) / 1000
+
+
+def group_name(customer_id: int) -> str:
+    return f"customer-{customer_id}"
+
+
+def acquire(*, customer_id: int, holder: str, clock: Clock | None = None) -> bool:
+    """Take or renew the customer's conductor lease for `holder`; False if another chain has it."""
+    now = (clock or Clock.read()).now
+    ConductorLease.objects.get_or_create(customer_id=customer_id)
+    taken = (
+        ConductorLease.objects.filter(customer_id=customer_id)
+        .filter(
+            Q(holder=holder) | Q(holder="") | Q(expires_at__isnull=True) | Q(expires_at__lt=now)
+        )
+        .update(
+            holder=holder,
+            expires_at=now + timedelta(seconds=lease_seconds()),
+            heartbeat_at=now,
+        )
+    )
+    return taken == 1
+
+
+def release(*, customer_id: int, holder: str) -> None:
+    ConductorLease.objects.filter(customer_id=customer_id, holder=holder).update(
+        holder="", expires_at=None
+    )
+
+
+def customers_needing_a_conductor(*, clock: Clock | None = None) -> list[int]:
+    """Customers with a message sending and no live conductor."""
+    now = (clock or Clock.read()).now
+    live = ConductorLease.objects.filter(
+        customer_id=OuterRef("customer_id"), expires_at__gte=now
+    ).exclude(holder="")
+    return list(
+        Message.objects.filter(status=Message.Status.SENDING)
+        .exclude(Exists(live))
+        .values_list("customer_id", flat=True)
+        .distinct()
+    )
+
+
+@dataclass
+class TickReport:
+    customer_id: int
+    reclaimed: int = 0
+    lost: int = 0
+    completed: list[int] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+    sending: bool = False
+    sample: dict = field(default_factory=dict)
+
+
+def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
+    clock = clock or Clock.read()
+    report = TickReport(customer_id=customer_id)
+    report.reclaimed = checkin.reclaim_expired_leases(clock=clock, customer_id=customer_id)
+    report.lost = mark_lost_workers(customer_id=customer_id, clock=clock)
+    report.completed = complete_finished_messages(customer_id=customer_id, clock=clock)
+    cancel_leftovers(customer_id=customer_id)
+    sending = Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
+    # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
+    out = Lease.objects.filter(customer_id=customer_id, state=Lease.State.OPEN)
+    report.sending = sending.exists() or out.exists()
+    if sending.exists():
+        report.started = start_workers(customer_id=customer_id, clock=clock, runtime=runtime)
+    report.sample = sample(customer_id=customer_id, clock=clock)
+    publish(customer_id, report.sample)
+    return report
+
+
+def mark_lost_workers(*, customer_id: int, clock: Clock) -> int:
+    """Workers that never checked in after starting, or went quiet, are lost.
+
+    A live worker checks in at least once a window (a grant never outlives its minute, a wait
+    never outlasts one), so silence for a window plus the send timeout plus a margin means it is
+    gone. Its open lease, if any, is reclaimed when the lease expires.
+    """
+    now = clock.now
+    window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
+    quiet_after = window + timedelta(seconds=10)
+    start_timeout = timedelta(seconds=float(getattr(settings, "WORKER_START_TIMEOUT_S", 60)))
+    return (
+        Worker.objects.filter(customer_id=customer_id)
+        .filter(
+            Q(state=Worker.State.STARTING, started_at__lt=now - start_timeout)
+            | Q(state=Worker.State.RUNNING, last_checkin_at__lt=now - quiet_after)
+        )
+        .update(state=Worker.State.LOST, stopped_at=now, stop_reason="stopped checking in")
+    )
+
+
+def complete_finished_messages(*, customer_id: int, clock: Clock) -> list[int]:
+    pending = Recipient.objects.filter(
+        message_id=OuterRef("pk"), status__in=[Recipient.Status.QUEUED, Recipient.Status.LEASED]
+    )
+    finished = list(
+        Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
+        .exclude(Exists(pending))
+        .values_list("pk", flat=True)
+    )
+    if finished:
+        Message.objects.filter(pk__in=finished, status=Message.Status.SENDING).update(
+            status=Message.Status.COMPLETED, completed_at=clock.now
+        )
+        log.info("customer %s: messages %s completed", customer_id, finished)
+    return finished
+
+
+def cancel_leftovers(*, customer_id: int) -> int:
+    """Recipients of a cancelled message that a worker handed back unsent are cancelled too."""
+    queued = Recipient.objects.filter(message_id=OuterRef("pk"), status=Recipient.Status.QUEUED)
+    cancelled = Message.objects.filter(
+        Exists(queued), customer_id=customer_id, status=Message.Status.CANCELLED
+    ).values_list("pk", flat=True)
+    return services.cancel_queued(message_ids=list(cancelled))
+
+
+def start_workers(*, customer_id: int, clock: Clock, runtime=None) -> list[int]:
+    """Start workers while work fits this minute and fewer than needed are running."""
+    send_limit = SendLimit.objects.get(customer_id=customer_id)
+    limits = checkin.limits_for(send_limit)
+    if limits.paused:
+        return []
+    live = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES)
+    stats = live.aggregate(n=Count("id"), rate=Avg("rate_per_s"))
+    backlog_cap = max(limits.per_minute, limits.batch_size * limits.max_workers) + 1
+    backlog = Recipient.objects.filter(
+        message__customer_id=customer_id,
+        message__status=Message.Status.SENDING,
+        status=Recipient.Status.QUEUED,
+    )[:backlog_cap].count()
+    needed = pacing.workers_needed(
+        limits=limits, backlog=backlog, rate_per_worker_per_s=stats["rate"]
+    )
+    to_start = min(needed - stats["n"], int(getattr(settings, "CONDUCTOR_MAX_STARTS_PER_TICK", 3)))
+    if to_start <= 0 or not _work_fits(customer_id=customer_id, limits=limits, clock=clock):
+        return []
+
+    from .runtimes import get_runtime, worker_api_url
+
+    runtime = runtime or get_runtime()
+    api_url = worker_api_url()
+    started = []
+    for _ in range(to_start):
+        worker, token = checkin.worker_start(customer_id=customer_id, runtime=runtime.name)
+        started.append(worker.pk)
+        transaction.on_commit(
+            lambda w=worker.pk, t=token: runtime.invoke(api_url=api_url, token=t, worker_id=w)
+        )
+    log.info("customer %s: starting workers %s (%s needed)", customer_id, started, needed)
+    return started
+
+
+def _work_fits(*, customer_id: int, limits: pacing.Limits, clock: Clock) -> bool:
+    """Budget is left in this minute, or the next minute is close enough that a worker started
+    now (cold start included) arrives in time for it."""
+    minute_ms = pacing.minute_start(clock.now_ms, limits.window_ms)
+    until_next = minute_ms + limits.window_ms - clock.now_ms
+    if until_next <= int(getattr(settings, "WORKER_WARMUP_MS", 3000)):
+        return True
+    row = CustomerMinute.objects.filter(
+        customer_id=customer_id, minute_start=checkin.ms_to_datetime(minute_ms)
+    ).first()
+    return row is None or row.charged < limits.per_minute
+
+
+def sample(*, customer_id: int, clock: Clock) -> dict:
+    """A live sample for the operators' charts: this minute against the cap, workers, progress."""
+    send_limit = SendLimit.objects.get(customer_id=customer_id)
+    minute_ms = pacing.minute_start(clock.now_ms, settings.SEND_WINDOW_MS)
+    row = CustomerMinute.objects.filter(
+        customer_id=customer_id, minute_start=checkin.ms_to_datetime(minute_ms)
+    ).first()
+    workers = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
+    counts = dict(
+        Recipient.objects.filter(
+            message__customer_id=customer_id,
+            message__status__in=[Message.Status.SENDING, Message.Status.PAUSED],
+        )
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
+    )
+    total = sum(counts.values())
+    done = sum(n for status, n in counts.items() if status in Recipient.TERMINAL_STATUSES)
+    remaining = total - done
+    eta_s = (
+        math.ceil(remaining / send_limit.per_minute * settings.SEND_WINDOW_MS / 1000)
+        if remaining
+        else 0
+    )
+    return {
+        "customer": customer_id,
+        "t_ms": clock.now_ms,
+        "minute_start_ms": minute_ms,
+        "cap": send_limit.per_minute,
+        "granted": row.charged if row else 0,
+        "sent": row.sent if row else 0,
+        "workers": workers,
+        "max_workers": send_limit.max_workers,
+        "total": total,
+        "done": done,
+        "eta_s": eta_s,
+    }
+
+
+def publish(customer_id: int, payload: dict) -> None:
+    """Send a sample to the customer's live pages after commit (never from inside a
+    transaction that may still roll back)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+
+    def send():
+        try:
+            async_to_sync(layer.group_send)(
+                group_name(customer_id), {"type": "sample", "sample": payload}
+            )
+        except Exception:
+            # Live charts are best effort: a channel-layer outage must not stop sending.
+            log.warning("could not publish a sample for customer %s", customer_id, exc_info=True)
+
+    transaction.on_commit(send)

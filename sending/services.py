@@ -1,0 +1,174 @@
+"""Starting, pausing, resuming and cancelling sends.
+
+Each action is atomic, checks the acting user's custom permission (sending.start_message, …),
+records who did it in the message's admin history, and kicks the customer's conductor only after
+commit.
+"""
+
+import logging
+from datetime import datetime
+
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Message, Recipient
+
+log = logging.getLogger(__name__)
+
+
+def _check(user, perm: str) -> None:
+    if user is not None and not user.has_perm(f"sending.{perm}"):
+        raise PermissionDenied(f"You do not have permission to {perm.replace('_', ' ')}.")
+
+
+def _locked(message_id: int) -> Message:
+    return Message.objects.select_for_update().select_related("customer").get(pk=message_id)
+
+
+def _transition(message: Message, *, to: str, allowed: tuple[str, ...], verb: str) -> None:
+    if message.status not in allowed:
+        raise ValidationError(
+            f"“{message}” is {message.get_status_display().lower()}: cannot {verb}."
+        )
+    message.status = to
+
+
+def _record(message: Message, user, text: str) -> None:
+    log.info("message %s: %s by %s", message.pk, text, user or "the scheduler")
+    if user is not None:
+        LogEntry.objects.log_actions(
+            user_id=user.pk,
+            queryset=[message],
+            action_flag=CHANGE,
+            change_message=text,
+            single_object=True,
+        )
+
+
+def _kick(customer_id: int) -> None:
+    from .tasks import conduct
+
+    transaction.on_commit(lambda: conduct.delay(customer_id))
+
+
+def _check_sendable(message: Message) -> None:
+    customer = message.customer
+    if not customer.is_active:
+        raise ValidationError(f"{customer} is not active.")
+    if customer.provider_account_id is None:
+        raise ValidationError(f"{customer} has no provider account to send through.")
+    if not message.recipients.filter(status=Recipient.Status.QUEUED).exists():
+        raise ValidationError(f"“{message}” has no recipients to send to. Import some first.")
+
+
+@transaction.atomic
+def message_start(*, message_id: int, user=None, now: datetime | None = None) -> Message:
+    """Send now (or, for the scheduler, at the scheduled time): draft/scheduled → sending."""
+    _check(user, "start_message")
+    message = _locked(message_id)
+    _check_sendable(message)
+    _transition(
+        message,
+        to=Message.Status.SENDING,
+        allowed=(Message.Status.DRAFT, Message.Status.SCHEDULED),
+        verb="start it",
+    )
+    message.started_at = now or timezone.now()
+    message.save(update_fields=["status", "started_at", "updated_at"])
+    _record(message, user, "Started sending")
+    _kick(message.customer_id)
+    return message
+
+
+@transaction.atomic
+def message_schedule(*, message_id: int, at: datetime, user=None) -> Message:
+    _check(user, "start_message")
+    message = _locked(message_id)
+    if at <= timezone.now():
+        raise ValidationError("Pick a time in the future, or use Send now.")
+    _check_sendable(message)
+    _transition(
+        message,
+        to=Message.Status.SCHEDULED,
+        allowed=(Message.Status.DRAFT, Message.Status.SCHEDULED),
+        verb="schedule it",
+    )
+    message.scheduled_at = at
+    message.save(update_fields=["status", "scheduled_at", "updated_at"])
+    _record(message, user, f"Scheduled for {at.isoformat()}")
+    return message
+
+
+def start_due_messages(*, now: datetime | None = None) -> list[int]:
+    """Start every scheduled message whose time has come (run by the beat watchdog)."""
+    now = now or timezone.now()
+    due = Message.objects.filter(status=Message.Status.SCHEDULED, scheduled_at__lte=now)
+    started = []
+    for message_id in due.values_list("pk", flat=True):
+        try:
+            message_start(message_id=message_id, now=now)
+        except ValidationError as exc:
+            # Leave it scheduled and visible; staff see why in the log and on the message.
+            log.error("scheduled message %s could not start: %s", message_id, exc.messages)
+            continue
+        started.append(message_id)
+    return started
+
+
+@transaction.atomic
+def message_pause(*, message_id: int, user=None) -> Message:
+    """Stop new grants for this message at once; batches already out finish and are recorded."""
+    _check(user, "pause_message")
+    message = _locked(message_id)
+    _transition(
+        message, to=Message.Status.PAUSED, allowed=(Message.Status.SENDING,), verb="pause it"
+    )
+    message.save(update_fields=["status", "updated_at"])
+    _record(message, user, "Paused")
+    return message
+
+
+@transaction.atomic
+def message_resume(*, message_id: int, user=None) -> Message:
+    _check(user, "resume_message")
+    message = _locked(message_id)
+    _transition(
+        message, to=Message.Status.SENDING, allowed=(Message.Status.PAUSED,), verb="resume it"
+    )
+    message.save(update_fields=["status", "updated_at"])
+    _record(message, user, "Resumed")
+    _kick(message.customer_id)
+    return message
+
+
+@transaction.atomic
+def message_cancel(*, message_id: int, user=None) -> int:
+    """Cancel a message: every queued recipient is cancelled (one statement). Recipients out with
+    a worker are recorded as it reports them; any it did not start are cancelled by the conductor.
+    Returns the number of recipients cancelled."""
+    _check(user, "cancel_message")
+    message = _locked(message_id)
+    _transition(
+        message,
+        to=Message.Status.CANCELLED,
+        allowed=(
+            Message.Status.DRAFT,
+            Message.Status.SCHEDULED,
+            Message.Status.SENDING,
+            Message.Status.PAUSED,
+        ),
+        verb="cancel it",
+    )
+    message.completed_at = timezone.now()
+    message.save(update_fields=["status", "completed_at", "updated_at"])
+    cancelled = cancel_queued(message_ids=[message.pk])
+    _record(message, user, f"Cancelled ({cancelled} recipients not sent)")
+    return cancelled
+
+
+def cancel_queued(*, message_ids) -> int:
+    return Recipient.objects.filter(
+        message_id__in=message_ids, status=Recipient.Status.QUEUED
+    ).update(status=Recipient.Status.CANCELLED)
