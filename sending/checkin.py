@@ -210,6 +210,7 @@ def _pacing_lease(lease: Lease) -> pacing.Lease:
         guard_ms=lease.guard_ms,
         stop_starting_in_ms=datetime_to_ms(lease.stop_starting_at) - granted_ms,
         expires_in_ms=datetime_to_ms(lease.expires_at) - granted_ms,
+        overdue_in_ms=datetime_to_ms(lease.overdue_at) - granted_ms,
         may_cross=lease.may_cross,
     )
 
@@ -312,6 +313,7 @@ def _grant(
         minute_ends_in_ms=terms.minute_ends_in_ms,
         guard_ms=terms.guard_ms,
         may_cross=terms.may_cross,
+        overdue_at=granted_at + timedelta(milliseconds=terms.overdue_in_ms),
         expires_at=granted_at + timedelta(milliseconds=terms.expires_in_ms),
     )
     CustomerMinute.objects.filter(pk=row.pk).update(

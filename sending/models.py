@@ -217,7 +217,12 @@ class Lease(models.Model):
     started_through = models.PositiveIntegerField(
         default=0, help_text="How many recipients, in order, the worker may have started."
     )
-    expires_at = models.DateTimeField()
+    overdue_at = models.DateTimeField(
+        help_text="A worker not back by then is presumed lost and may be replaced."
+    )
+    expires_at = models.DateTimeField(
+        help_text="No send of this batch can still arrive after this; then it is reclaimed."
+    )
     settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
