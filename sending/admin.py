@@ -1,0 +1,373 @@
+import csv
+import datetime
+
+from django.contrib import admin
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Q
+from django.db.models.functions import Lower
+from django.http import HttpResponseRedirect, StreamingHttpResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.text import Truncator
+
+from .models import Message, Recipient
+from .selectors import (
+    DELIVERY_LOG_COLUMNS,
+    delivery_log_rows,
+    message_preview,
+    messages_with_progress,
+    progress_of,
+    recent_messages,
+)
+
+PROGRESS_BAR = (
+    '<div class="emailops-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
+    'aria-valuenow="{rounded}" title="{done} of {total} finished">'
+    '<div style="width: {width}%"></div></div> {rounded}%'
+)
+
+
+def recipients_url(message_id, **filters) -> str:
+    query = "&".join(
+        [f"message__id__exact={message_id}"] + [f"{key}={value}" for key, value in filters.items()]
+    )
+    return f"{reverse('admin:sending_recipient_changelist')}?{query}"
+
+
+# Messages ---------------------------------------------------------------------------------------
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = (
+        "subject",
+        "customer",
+        "status",
+        "recipient_total",
+        "recipient_counts",
+        "progress",
+        "created_at",
+    )
+    list_filter = ("status", "customer")
+    list_select_related = ("customer",)
+    date_hierarchy = "created_at"
+    search_fields = ("subject",)
+    ordering = ("-created_at", "-id")
+    list_per_page = 50
+    # Facet counts would run the progress subqueries over every message.
+    show_facets = admin.ShowFacets.NEVER
+    autocomplete_fields = ("customer",)
+    fieldsets = [
+        (None, {"fields": ["customer", "subject", "from_email", "reply_to"]}),
+        ("Body", {"fields": ["text_body", "html_body"]}),
+        (
+            "Schedule and status",
+            {"fields": ["status", "scheduled_at", "started_at", "completed_at"]},
+        ),
+        (
+            "Record",
+            {
+                "fields": ["created_by", "created_at", "updated_at", "purged_at"],
+                "classes": ["collapse"],
+            },
+        ),
+    ]
+    # Status moves only through the send actions; these are written by the system.
+    system_fields = (
+        "status",
+        "started_at",
+        "completed_at",
+        "created_by",
+        "created_at",
+        "updated_at",
+        "purged_at",
+    )
+
+    def get_queryset(self, request):
+        return messages_with_progress(super().get_queryset(request))
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return self.system_fields
+        if obj.is_content_frozen:
+            # Once a send starts every recipient must get the same message.
+            return ("customer", *Message.CONTENT_FIELDS, "scheduled_at", *self.system_fields)
+        return ("customer", *self.system_fields)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.status in (Message.Status.SENDING, Message.Status.PAUSED):
+            return False  # workers may hold its recipients: cancel it first
+        return super().has_delete_permission(request, obj)
+
+    def get_deleted_objects(self, objs, request):
+        # Django's default lists every recipient on the confirmation page; count them instead.
+        messages = list(objs)
+        n_recipients = Recipient.objects.filter(message__in=messages).count()
+        to_delete = [
+            format_html(
+                'Message: <a href="{}">{}</a>',
+                reverse("admin:sending_message_change", args=[message.pk]),
+                message,
+            )
+            for message in messages
+        ]
+        if n_recipients:
+            to_delete.append([f"{n_recipients} recipients"])
+        model_count = {"messages": len(messages), "recipients": n_recipients}
+        perms_needed = set()
+        if n_recipients and not request.user.has_perm("sending.delete_recipient"):
+            perms_needed.add("recipient")
+        # Bulk deletion checks no object permission: a running send blocks it here instead.
+        protected = [
+            f"{message} ({message.get_status_display().lower()}: cancel it first)"
+            for message in messages
+            if message.status in (Message.Status.SENDING, Message.Status.PAUSED)
+        ]
+        return to_delete, model_count, perms_needed, protected
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+
+    def get_urls(self):
+        urls = [
+            path(
+                "<path:object_id>/import/",
+                self.admin_site.admin_view(self.import_view),
+                name="sending_message_import",
+            ),
+        ]
+        # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
+        return urls + super().get_urls()
+
+    def import_view(self, request, object_id):
+        # Imported here: the import module loads the CSV machinery only when it is used.
+        from sending.admin_import import import_recipients_view
+
+        return import_recipients_view(request, object_id, model_admin=self)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # get_object() reads through get_queryset(): the progress counts come with the message.
+        message = self.get_object(request, unquote(object_id))
+        if message is not None:
+            can_import = not message.is_content_frozen and request.user.has_perms(
+                ("sending.add_recipient", "sending.change_message")
+            )
+            progress = progress_of(message)
+            extra_context = {
+                "preview": message_preview(message=message),
+                "progress": progress,
+                "status_links": [
+                    (
+                        label,
+                        progress.by_status[status],
+                        recipients_url(message.pk, status__exact=status),
+                    )
+                    for status, label in Recipient.Status.choices
+                    if progress.by_status.get(status)
+                ],
+                "recipients_url": recipients_url(message.pk),
+                "import_url": (
+                    reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
+                ),
+                **(extra_context or {}),
+            }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.display(description="Recipients")
+    def recipient_total(self, obj):
+        return format_html('<a href="{}">{}</a>', recipients_url(obj.pk), progress_of(obj).total)
+
+    @admin.display(description="By status")
+    def recipient_counts(self, obj):
+        progress = progress_of(obj)
+        shown = [
+            (recipients_url(obj.pk, status__exact=status), label, progress.by_status[status])
+            for status, label in Recipient.Status.choices
+            if progress.by_status[status]
+        ]
+        if not shown:
+            return "—"
+        return format_html_join(" · ", '<a href="{}" class="emailops-count">{}&nbsp;{}</a>', shown)
+
+    @admin.display(description="Progress")
+    def progress(self, obj):
+        progress = progress_of(obj)
+        return format_html(
+            PROGRESS_BAR,
+            width=f"{progress.percent:.1f}",
+            rounded=f"{progress.percent:.0f}",
+            done=progress.terminal,
+            total=progress.total,
+        )
+
+
+# Recipients -------------------------------------------------------------------------------------
+
+
+class CappedCountPaginator(Paginator):
+    """Counts at most `cap` + 1 rows: an exact count of a huge table is a full scan."""
+
+    cap = 10_000
+
+    @cached_property
+    def count(self):
+        return self.object_list.order_by()[: self.cap + 1].count()
+
+    @property
+    def capped(self) -> bool:
+        return self.count > self.cap
+
+
+class RecentMessageFilter(admin.SimpleListFilter):
+    """The latest messages (and the one selected), rather than a list of every message."""
+
+    title = "message"
+    parameter_name = "message__id__exact"
+    shown = 20
+
+    def lookups(self, request, model_admin):
+        messages = list(recent_messages(limit=self.shown))
+        selected = self.value()
+        if selected and selected.isdigit() and all(str(m.pk) != selected for m in messages):
+            messages += list(Message.objects.select_related("customer").filter(pk=selected))
+        return [
+            (str(m.pk), f"{Truncator(m.subject).chars(40)} ({m.customer}, #{m.pk})")
+            for m in messages
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(message_id=int(self.value()))
+
+
+class _Echo:
+    """The file-like object csv.writer writes to: it hands each line back."""
+
+    def write(self, value):
+        return value
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    text = str(value)
+    # A provider's error text opened in a spreadsheet must not become a formula.
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
+
+
+def delivery_log_response(queryset, *, filename: str) -> StreamingHttpResponse:
+    writer = csv.writer(_Echo())
+
+    def lines():
+        yield writer.writerow(DELIVERY_LOG_COLUMNS)
+        for row in delivery_log_rows(queryset):
+            yield writer.writerow([_csv_cell(value) for value in row])
+
+    response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _delivery_log_filename(request) -> str:
+    message_id = request.GET.get("message__id__exact", "")
+    scope = f"message-{message_id}" if message_id.isdigit() else "recipients"
+    return f"delivery-log-{scope}-{timezone.now():%Y%m%d-%H%M%S}.csv"
+
+
+@admin.register(Recipient)
+class RecipientAdmin(admin.ModelAdmin):
+    list_display = ("email", "message", "status", "attempts", "sent_at", "provider_message_id")
+    list_filter = ("status", RecentMessageFilter)
+    list_select_related = ("message",)
+    search_fields = ("email", "provider_message_id")
+    search_help_text = "An exact email address or provider message id."
+    ordering = ("-id",)
+    list_per_page = 100
+    paginator = CappedCountPaginator
+    # There will be hundreds of millions of rows: no full count, no facet counts.
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    actions = ["export_delivery_log"]
+    fields = (
+        "message",
+        "email",
+        "merge_data",
+        "status",
+        "attempts",
+        "sent_at",
+        "provider_message_id",
+        "last_error",
+    )
+    system_fields = (
+        "message",
+        "status",
+        "attempts",
+        "provider_message_id",
+        "last_error",
+        "sent_at",
+    )
+
+    def has_add_permission(self, request):
+        return False  # recipients arrive by import, on the message's page
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.message.is_content_frozen:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        # Bulk delete would load every selected recipient into memory first.
+        actions.pop("delete_selected", None)
+        return actions
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.message.is_content_frozen:
+            return self.fields
+        return self.system_fields
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        # Exact matches only: Lower(email) is how the unique index stores addresses.
+        queryset = queryset.alias(email_lower=Lower("email")).filter(
+            Q(email_lower=term.lower()) | Q(provider_message_id=term)
+        )
+        return queryset, False
+
+    def get_urls(self):
+        urls = [
+            path(
+                "export/",
+                self.admin_site.admin_view(self.export_view),
+                name="sending_recipient_export",
+            ),
+        ]
+        return urls + super().get_urls()
+
+    def export_view(self, request):
+        """The delivery log of what the changelist shows, with the same filters and search."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            changelist = self.get_changelist_instance(request)
+        except IncorrectLookupParameters:
+            return HttpResponseRedirect(reverse("admin:sending_recipient_changelist") + "?e=1")
+        return delivery_log_response(changelist.queryset, filename=_delivery_log_filename(request))
+
+    @admin.action(description="Export delivery log (CSV)", permissions=["view"])
+    def export_delivery_log(self, request, queryset):
+        return delivery_log_response(queryset, filename=_delivery_log_filename(request))
