@@ -104,18 +104,23 @@ def checkin(
                 "token": token,
             }
         if request.seq == worker.last_seq and worker.last_response is not None:
-            return {**worker.last_response, "token": token}
+            return {**_replay(worker.last_response), "token": token}
         if request.seq != worker.last_seq + 1:
             raise Conflict(f"seq {request.seq} is out of order: expected {worker.last_seq + 1}")
-        send_limit = SendLimit.objects.select_for_update().get(customer_id=worker.customer_id)
-        limits = limits_for(send_limit)
         lease = Lease.objects.filter(worker=worker, state=Lease.State.OPEN).first()
         _check_report(lease, request.report)
+        settlement = None
         if lease is not None:
-            _settle(worker=worker, lease=lease, report=request.report, clock=clock)
+            # Recording needs only the worker's lock (the rows are leased to it), so the heavy
+            # statement runs before the customer's lock is taken.
+            settlement = _record(worker=worker, lease=lease, report=request.report, clock=clock)
+        send_limit = SendLimit.objects.select_for_update().get(customer_id=worker.customer_id)
+        limits = limits_for(send_limit)
+        if settlement is not None:
+            _apply_settlement(lease, settlement)
 
         if worker.is_live:
-            answer = _decide(worker=worker, limits=limits, send_limit=send_limit, clock=clock)
+            answer = _decide(worker=worker, limits=limits, clock=clock)
         else:
             answer = {"decision": "stop", "reason": f"worker is {worker.state}"}
         if answer["decision"] == "stop" and worker.is_live:
@@ -127,10 +132,45 @@ def checkin(
         answer = {"api": API_VERSION, "seq": request.seq, **answer}
         worker.request_id = request.request_id
         worker.last_seq = request.seq
-        worker.last_response = answer
+        worker.last_response = _replayable(answer)
         worker.last_checkin_at = clock.now
-        worker.save()
+        worker.save(
+            update_fields=[
+                "state",
+                "stop_reason",
+                "stopped_at",
+                "request_id",
+                "last_seq",
+                "last_response",
+                "last_checkin_at",
+                "rate_per_s",
+                "throttled",
+            ]
+        )
     return {**answer, "token": token}
+
+
+def _replayable(answer: dict) -> dict:
+    """The answer as stored for a retried seq: recipients are kept as ids only (the lease has
+    them, and their data does not change while leased), so each check-in writes a few hundred
+    bytes rather than the whole batch."""
+    batch = answer.get("batch")
+    if batch is None:
+        return answer
+    return {**answer, "batch": {**batch, "recipients": None}}
+
+
+def _replay(stored: dict) -> dict:
+    batch = stored.get("batch")
+    if batch is None:
+        return stored
+    lease = Lease.objects.get(pk=batch["lease_id"])
+    rows = Recipient.objects.in_bulk(lease.recipient_ids)
+    recipients = [
+        {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
+        for r in (rows[i] for i in lease.recipient_ids)
+    ]
+    return {**stored, "batch": {**batch, "recipients": recipients}}
 
 
 def _check_report(lease: Lease | None, report: Report | None) -> None:
@@ -153,14 +193,17 @@ def _outcome(result, granted_at: datetime) -> queue.Outcome:
         return queue.Outcome(
             result.id, queue.SENT, provider_id=result.provider_id, attempted=True, sent_at=done_at
         )
+    if result.outcome is Outcome.UNKNOWN:
+        return queue.Outcome(result.id, queue.UNKNOWN, error=result.error, attempted=True)
     if result.outcome is Outcome.FAILED:
         status = queue.FAILED if result.permanent else queue.RETRY
         return queue.Outcome(result.id, status, error=result.error, attempted=True)
     return queue.Outcome(result.id, queue.QUEUED, error=result.error)
 
 
-def _settle(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> None:
-    """Record a lease's results (one statement) and move its budget between minutes."""
+def _record(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> pacing.Settlement:
+    """Record a lease's results (one statement), close the lease, and return how its budget
+    moves between minutes (applied by the caller under the customer's lock)."""
     by_id = {r.id: r for r in report.results}
     outcomes = []
     for position, recipient_id in enumerate(lease.recipient_ids):
@@ -177,7 +220,9 @@ def _settle(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> No
     counts = {o: 0 for o in Outcome}
     for result in report.results:
         counts[result.outcome] += 1
-    started = [r for r in report.results if r.outcome in (Outcome.SENT, Outcome.FAILED)]
+    started = [
+        r for r in report.results if r.outcome in (Outcome.SENT, Outcome.FAILED, Outcome.UNKNOWN)
+    ]
     not_started = counts[Outcome.NOT_STARTED] + sum(
         1
         for position, rid in enumerate(lease.recipient_ids)
@@ -187,18 +232,20 @@ def _settle(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> No
         lease=_pacing_lease(lease),
         report=pacing.Report(
             sent=counts[Outcome.SENT],
-            failed=counts[Outcome.FAILED],
+            # A send in doubt counts as started: it stays charged, and with no answer time it is
+            # charged to the next minute too.
+            failed=counts[Outcome.FAILED] + counts[Outcome.UNKNOWN],
             not_started=not_started,
             throttled=counts[Outcome.THROTTLED],
             done_ms=[r.done_ms for r in started if r.done_ms is not None],
         ),
     )
-    _apply_settlement(lease, settlement)
     lease.state = Lease.State.SETTLED
     lease.settled_at = clock.now
     lease.save(update_fields=["state", "settled_at"])
     worker.rate_per_s = pacing.next_rate(worker.rate_per_s, len(started), report.elapsed_ms)
     worker.throttled = counts[Outcome.THROTTLED] > 0
+    return settlement
 
 
 def _pacing_lease(lease: Lease) -> pacing.Lease:
@@ -240,7 +287,7 @@ def _apply_settlement(lease: Lease, settlement: pacing.Settlement) -> None:
         )
 
 
-def _decide(*, worker: Worker, limits: pacing.Limits, send_limit: SendLimit, clock: Clock) -> dict:
+def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
     customer_id = worker.customer_id
     minute_ms = pacing.minute_start(clock.now_ms, limits.window_ms)
     minute_start = ms_to_datetime(minute_ms)
@@ -253,13 +300,7 @@ def _decide(*, worker: Worker, limits: pacing.Limits, send_limit: SendLimit, clo
         ).aggregate(n=Sum("size"))["n"]
         or 0
     )
-    # Counting is capped: decide needs the backlog only up to what a minute or the pool can use.
-    backlog_cap = max(limits.per_minute, limits.batch_size * limits.max_workers) + 1
-    backlog = Recipient.objects.filter(
-        message__customer_id=customer_id,
-        message__status=Message.Status.SENDING,
-        status=Recipient.Status.QUEUED,
-    )[:backlog_cap].count()
+    backlog = backlog_for(customer_id=customer_id, limits=limits)
     running = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
     decision = pacing.decide(
         now_ms=clock.now_ms,
@@ -281,6 +322,26 @@ def _decide(*, worker: Worker, limits: pacing.Limits, send_limit: SendLimit, clo
     if isinstance(decision, pacing.Wait):
         return {"decision": "wait", "wait_ms": decision.ms}
     return _grant(worker=worker, grant=decision, row=row, limits=limits, clock=clock)
+
+
+def backlog_for(*, customer_id: int, limits: pacing.Limits) -> int:
+    """Queued recipients of the customer's sending messages, for pacing decisions.
+
+    Counted exactly up to a pool's worth of batches (cheap: the partial claim index); past that
+    it is reported as at least a minute's cap. Pacing needs the backlog exactly only when it is
+    small (the last batches, `Stop(done)`); above, it needs to know it is at least what a minute
+    can send. An estimate on the high side there keeps a worker a little longer near the end, never
+    one too few. Counting a million queued rows on every check-in is what this avoids.
+    """
+    exact_up_to = limits.batch_size * (limits.max_workers + 1)
+    counted = Recipient.objects.filter(
+        message__customer_id=customer_id,
+        message__status=Message.Status.SENDING,
+        status=Recipient.Status.QUEUED,
+    )[: exact_up_to + 1].count()
+    if counted <= exact_up_to:
+        return counted
+    return max(counted, limits.per_minute + 1)
 
 
 def _grant(

@@ -169,12 +169,7 @@ def start_workers(*, customer_id: int, clock: Clock, runtime=None) -> list[int]:
         return []
     live = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES)
     stats = live.aggregate(n=Count("id"), rate=Avg("rate_per_s"))
-    backlog_cap = max(limits.per_minute, limits.batch_size * limits.max_workers) + 1
-    backlog = Recipient.objects.filter(
-        message__customer_id=customer_id,
-        message__status=Message.Status.SENDING,
-        status=Recipient.Status.QUEUED,
-    )[:backlog_cap].count()
+    backlog = checkin.backlog_for(customer_id=customer_id, limits=limits)
     needed = pacing.workers_needed(
         limits=limits, backlog=backlog, rate_per_worker_per_s=stats["rate"]
     )

@@ -23,6 +23,7 @@ class Outcome(StrEnum):
     FAILED = "failed"  # the provider refused it; `permanent` says whether a retry could help
     THROTTLED = "throttled"  # the provider said "too many"; not sent, goes back to the queue
     NOT_STARTED = "not_started"  # never handed to the provider; goes back to the queue
+    UNKNOWN = "unknown"  # may have reached the provider (e.g. a timeout): never re-sent
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ class CompiledMessage:
     html: Template | None
 
     def render(self, merge_data: dict) -> tuple[str, str, str]:
+        # Plain str, not the engine's SafeString: whoever shows a rendered body must escape it.
         context = Context(merge_data, autoescape=False)
-        subject = self.subject.render(context).strip()
-        text = self.text.render(context) if self.text else ""
-        html = self.html.render(Context(merge_data)) if self.html else ""
+        subject = str(self.subject.render(context)).strip()
+        text = str(self.text.render(context)) if self.text else ""
+        html = str(self.html.render(Context(merge_data))) if self.html else ""
         return subject, text, html
 
 

@@ -365,7 +365,7 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
     report = {"lease_id": 1, "elapsed_ms": 5, "results": [{"id": 3, "status": "bounced"}]}
     response = post("checkin", {"worker_id": worker.pk, "seq": 1, "report": report}, token)
     assert (
-        "report.results[0].status: one of sent, failed, throttled, not_started"
+        "report.results[0].status: one of sent, failed, throttled, not_started, unknown"
         in (response.json()["problems"])
     )
     assert (
@@ -404,3 +404,24 @@ def test_http_openapi_is_served(client):
     response = client.get("/api/worker/v1/openapi.yaml")
     assert response.status_code == 200
     assert b"openapi: 3.0.3" in response.content
+
+
+def test_a_send_in_doubt_is_recorded_unknown_and_charged_to_both_minutes(customer):
+    make_message(customer, 2)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    report = {
+        "lease_id": first["batch"]["lease_id"],
+        "elapsed_ms": 5_000,
+        "results": [
+            {"id": ids[0], "status": "sent", "provider_id": "p", "done_ms": 40},
+            {"id": ids[1], "status": "unknown", "error": "read timeout after 5 s"},
+        ],
+    }
+    call(worker, first["token"], 2, report, at=T0 + 5_100)
+    row = Recipient.objects.get(id=ids[1])
+    assert (row.status, row.attempts, row.last_error) == ("unknown", 1, "read timeout after 5 s")
+    this_minute, next_minute = CustomerMinute.objects.order_by("minute_start")
+    assert (this_minute.granted, this_minute.refunded) == (2, 0)
+    assert next_minute.carried_in == 1
