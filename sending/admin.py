@@ -2,9 +2,10 @@ import csv
 import datetime
 
 from django.contrib import admin
+from django.contrib import messages as flash
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.db.models.functions import Lower
@@ -15,6 +16,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
+from . import services
 from .models import Message, Recipient
 from .selectors import (
     DELIVERY_LOG_COLUMNS,
@@ -88,8 +90,91 @@ class MessageAdmin(admin.ModelAdmin):
         "purged_at",
     )
 
+    actions = ["send_now", "pause", "resume", "cancel"]
+    # What the change page's buttons and the list's actions do: (service, permission, done text).
+    SEND_ACTIONS = {
+        "send": (services.message_start, "start_message", "Sending started"),
+        "pause": (services.message_pause, "pause_message", "Paused"),
+        "resume": (services.message_resume, "resume_message", "Resumed"),
+        "cancel": (services.message_cancel, "cancel_message", "Cancelled"),
+    }
+
     def get_queryset(self, request):
         return messages_with_progress(super().get_queryset(request))
+
+    def _may(self, request, perm: str) -> bool:
+        return request.user.has_perm(f"sending.{perm}")
+
+    def has_start_message_permission(self, request):
+        return self._may(request, "start_message")
+
+    def has_pause_message_permission(self, request):
+        return self._may(request, "pause_message")
+
+    def has_resume_message_permission(self, request):
+        return self._may(request, "resume_message")
+
+    def has_cancel_message_permission(self, request):
+        return self._may(request, "cancel_message")
+
+    def _run(self, request, action: str, message_ids) -> None:
+        service, _, done = self.SEND_ACTIONS[action]
+        for message_id in message_ids:
+            try:
+                service(message_id=message_id, user=request.user)
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), flash.ERROR)
+            else:
+                self.message_user(request, f"{done}: message {message_id}.", flash.SUCCESS)
+
+    @admin.action(description="Send now", permissions=["start_message"])
+    def send_now(self, request, queryset):
+        self._run(request, "send", queryset.values_list("pk", flat=True))
+
+    @admin.action(description="Pause sending", permissions=["pause_message"])
+    def pause(self, request, queryset):
+        self._run(request, "pause", queryset.values_list("pk", flat=True))
+
+    @admin.action(description="Resume sending", permissions=["resume_message"])
+    def resume(self, request, queryset):
+        self._run(request, "resume", queryset.values_list("pk", flat=True))
+
+    @admin.action(
+        description="Cancel (recipients not yet sent are cancelled)", permissions=["cancel_message"]
+    )
+    def cancel(self, request, queryset):
+        self._run(request, "cancel", queryset.values_list("pk", flat=True))
+
+    def send_action_view(self, request, object_id, action):
+        """The change page's Send now / Pause / Resume / Cancel buttons (POST only)."""
+        if request.method != "POST" or action not in self.SEND_ACTIONS:
+            raise PermissionDenied
+        if not self._may(request, self.SEND_ACTIONS[action][1]):
+            raise PermissionDenied
+        message = self.get_object(request, unquote(object_id))
+        if message is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        self._run(request, action, [message.pk])
+        return HttpResponseRedirect(reverse("admin:sending_message_change", args=[message.pk]))
+
+    def _send_buttons(self, request, message) -> list[tuple[str, str, str]]:
+        """(label, url, css class) for what this user may do to this message now."""
+        by_status = {
+            Message.Status.DRAFT: ["send", "cancel"],
+            Message.Status.SCHEDULED: ["send", "cancel"],
+            Message.Status.SENDING: ["pause", "cancel"],
+            Message.Status.PAUSED: ["resume", "cancel"],
+        }
+        labels = {"send": "Send now", "pause": "Pause", "resume": "Resume", "cancel": "Cancel send"}
+        return [
+            (
+                labels[action],
+                reverse("admin:sending_message_action", args=[message.pk, action]),
+                "deletelink" if action == "cancel" else "",
+            )
+            for action in by_status.get(message.status, [])
+            if self._may(request, self.SEND_ACTIONS[action][1])
+        ]
 
     def get_readonly_fields(self, request, obj=None):
         if obj is None:
@@ -142,6 +227,11 @@ class MessageAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.import_view),
                 name="sending_message_import",
             ),
+            path(
+                "<path:object_id>/action/<str:action>/",
+                self.admin_site.admin_view(self.send_action_view),
+                name="sending_message_action",
+            ),
         ]
         # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
         return urls + super().get_urls()
@@ -173,6 +263,7 @@ class MessageAdmin(admin.ModelAdmin):
                     if progress.by_status.get(status)
                 ],
                 "recipients_url": recipients_url(message.pk),
+                "send_buttons": self._send_buttons(request, message),
                 "import_url": (
                     reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
                 ),
