@@ -1,0 +1,495 @@
+"""The worker handler: step by step against fakes, and end to end against the real worker API
+(served over HTTP by `live_server`) and a real sandbox provider.
+
+The end-to-end tests use 2-second "minutes" (SEND_WINDOW_MS) so that windows, throttles and lease
+expiry happen within a test; every wait is bounded.
+"""
+
+import threading
+import time
+
+import pytest
+import requests
+from django.db import OperationalError, connection
+
+from customers.models import SendLimit
+from sending import checkin
+from sending.checkin import Clock
+from sending.models import Lease, Message, Recipient
+from sending.models import Worker as WorkerRow
+from sending.providers import SendError, Throttled
+from sending.runtimes import LocalRuntime, local_invocation, shutdown_local_workers
+from sending.sandbox import Latency, SandboxServer
+from sending.worker import Api, LocalContext, Window, Worker, handler
+from tests.factories import CustomerFactory, ProviderAccountFactory
+
+WINDOW_MS = 2_000
+API_KEY = "sandbox-key"
+
+
+# --- helpers shared with test_runtimes ---------------------------------------------------------
+
+
+def make_customer(sandbox, *, per_minute=1_000, batch_size=20, concurrency=4, api_key=API_KEY):
+    account = ProviderAccountFactory(
+        settings={"api_url": sandbox.url},
+        credentials={"api_key": api_key},
+        per_minute_cap=max(per_minute, 1_000),
+    )
+    customer = CustomerFactory(provider_account=account)
+    SendLimit.objects.filter(customer=customer).update(
+        per_minute=per_minute, batch_size=batch_size, concurrency=concurrency, max_workers=5
+    )
+    return customer
+
+
+def make_message(customer, n):
+    message = Message.objects.create(
+        customer=customer,
+        subject="Hello {{ first_name }}",
+        text_body="Hi {{ first_name }}",
+        html_body="<p>Hi {{ first_name }}</p>",
+        status=Message.Status.SENDING,
+        started_at=checkin.Clock.read().now,
+    )
+    Recipient.objects.bulk_create(
+        Recipient(
+            message=message, email=f"s{i}@{customer.slug}.example", merge_data={"first_name": i}
+        )
+        for i in range(n)
+    )
+    return message
+
+
+def start_worker(customer, api_url):
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    return worker, {"api_url": api_url, "token": token, "worker_id": worker.pk}
+
+
+def statuses(message):
+    return dict(Recipient.objects.filter(message=message).values_list("id", "status"))
+
+
+def assert_sent_once_each(message, sandbox):
+    """Every recipient is sent, with the id the sandbox gave it, and the sandbox saw it once."""
+    rows = list(Recipient.objects.filter(message=message))
+    by_key = {}
+    for send in sandbox.sends:
+        assert not send.duplicate, f"recipient {send.idempotency_key} was sent twice"
+        by_key[send.idempotency_key] = send
+    assert sorted(by_key) == sorted(str(r.pk) for r in rows)
+    for row in rows:
+        assert row.status == "sent", (row.pk, row.status, row.last_error)
+        assert row.provider_message_id == by_key[str(row.pk)].message_id
+        assert by_key[str(row.pk)].subject == f"Hello {row.merge_data['first_name']}"
+    assert sandbox.report()["duplicates"] == {}
+
+
+@pytest.fixture
+def fast_minutes(settings):
+    settings.SEND_WINDOW_MS = WINDOW_MS
+    settings.SEND_TIMEOUT_MS = 1_000
+    settings.WORKER_DEADLINE_MARGIN_MS = 1_000
+    settings.WORKER_SEND_MARGIN_MS = 300
+    settings.WORKER_API_TIMEOUT_S = 5
+    settings.WORKER_API_BACKOFF_MS = 50
+
+
+@pytest.fixture
+def api_url(live_server, transactional_db, fast_minutes, monkeypatch):
+    # The views run the service in threads of their own, on their own connections: close them
+    # after each request so the test database can be dropped at the end.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    return f"{live_server.url}/api/worker/v1/"
+
+
+@pytest.fixture(autouse=True)
+def _no_local_worker_outlives_its_test():
+    yield
+    assert shutdown_local_workers(timeout_s=10), "a local worker is still running"
+
+
+@pytest.fixture
+def sandbox():
+    server = SandboxServer(caps={API_KEY: 100_000}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def frozen_server_clock(monkeypatch):
+    """The API's clock stands 300 ms into a 2-second minute: grants are deterministic."""
+    now = time.time_ns() // 1_000_000
+    at = now - now % WINDOW_MS + 300
+    monkeypatch.setattr(Clock, "read", classmethod(lambda cls: cls(at)))
+    return at
+
+
+def wait_for(predicate, timeout_s=15.0, every_s=0.01):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except OperationalError as exc:
+            # SQLite's shared in-memory test database locks whole tables while the server writes.
+            if "locked" not in str(exc):
+                raise
+            value = None
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {predicate.__name__}")
+
+
+# --- step by step, against fakes ---------------------------------------------------------------
+
+
+class FakeApi:
+    """Records progress calls with the time they were made."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.token = "t"
+        self.last_attempts = 1
+        self.progress: list[tuple[float, int]] = []
+
+    def post(self, path, body):
+        assert path == "progress"
+        self.progress.append((self.clock(), body["started_through"]))
+
+    def close(self):
+        pass
+
+
+class RecordingProvider:
+    """Sleeps `send_s` per send; raises what `fail` returns for a recipient id, if anything."""
+
+    def __init__(self, send_s=0.02, fail=None):
+        self.send_s = send_s
+        self.fail = fail or (lambda rid, n: None)
+        self.lock = threading.Lock()
+        self.starts: dict[int, float] = {}
+        self.closed = False
+
+    def send(self, *, recipient_id, to, subject, text, html, from_email, reply_to):
+        with self.lock:
+            self.starts[recipient_id] = time.monotonic()
+            n = len(self.starts)
+        time.sleep(self.send_s)
+        error = self.fail(recipient_id, n)
+        if error is not None:
+            raise error
+        assert subject == f"Hello {recipient_id}" and html == f"<p>{recipient_id} &amp; co</p>"
+        return f"p-{recipient_id}"
+
+    def close(self):
+        self.closed = True
+
+
+class Remaining:
+    """A Lambda context whose remaining time the test sets."""
+
+    aws_request_id = "test-invocation"
+
+    def __init__(self, ms=60_000):
+        self.ms = ms
+
+    def get_remaining_time_in_millis(self):
+        return self.ms
+
+
+def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2):
+    return {
+        "lease_id": 7,
+        "start_in_ms": start_in_ms,
+        "stop_starting_in_ms": stop_starting_in_ms,
+        "minute_ends_in_ms": 59_000,
+        "concurrency": concurrency,
+        "provider": {"kind": "sandbox", "settings": {}, "credentials": {}, "per_minute_cap": 9},
+        "messages": {
+            "3": {
+                "subject": "Hello {{ first_name }}",
+                "text": "Hi {{ first_name }}",
+                "html": "<p>{{ first_name }} &amp; co</p>",
+                "from_email": "news@u.example",
+                "reply_to": "",
+            }
+        },
+        "recipients": [
+            {"id": i, "message": 3, "to": f"s{i}@u.example", "merge": {"first_name": i}}
+            for i in range(1, n + 1)
+        ],
+    }
+
+
+def fake_worker(provider, context=None):
+    api = FakeApi(time.monotonic)
+    worker = Worker(
+        {"api_url": "http://api.invalid/", "token": "t", "worker_id": 1},
+        context or Remaining(),
+        api=api,
+        provider_factory=lambda config: provider,
+    )
+    return worker, api
+
+
+def send_now(worker, batch):
+    now = time.monotonic()
+    window = Window.of(batch, received=now, first_sent=now, retried=False)
+    return window, worker.send_batch(batch, window)
+
+
+def test_sends_start_only_inside_the_window_and_after_their_progress_mark():
+    provider = RecordingProvider(send_s=0.05)
+    worker, api = fake_worker(provider)
+    batch = fake_batch(60, start_in_ms=200, stop_starting_in_ms=700, concurrency=3)
+    window, report = send_now(worker, batch)
+
+    starts = provider.starts
+    assert starts, "nothing was sent"
+    assert all(window.start_at <= t <= window.stop_at for t in starts.values())
+    by_status = {}
+    for result in report["results"]:
+        by_status.setdefault(result["status"], []).append(result["id"])
+    assert sorted(by_status["sent"]) == sorted(starts)
+    assert 10 <= len(starts) <= 40  # ~0.5 s, 3 in flight, 50 ms each
+    assert by_status["not_started"] == list(range(len(starts) + 1, 61))  # in batch order
+    # Each send started after a progress call that covered it; the first chunk is `concurrency`.
+    assert api.progress[0][1] == 3
+    for rid, started in starts.items():
+        assert any(at <= started and mark >= rid for at, mark in api.progress), rid
+    marks = [mark for _, mark in api.progress]
+    assert marks == sorted(marks) and marks[-1] < 60
+    for result in report["results"]:
+        if result["status"] == "sent":
+            assert result["provider_id"] == f"p-{result['id']}"
+            assert 200 <= result["done_ms"] <= 1_000
+    assert 0 < report["elapsed_ms"] < 1_000
+
+
+def test_a_throttle_stops_new_sends_at_once_and_the_rest_are_not_started():
+    throttled_at = []
+
+    def fail(rid, n):
+        if n == 5:
+            throttled_at.append(time.monotonic())
+            return Throttled("HTTP 429: too many")
+        return None
+
+    provider = RecordingProvider(send_s=0.03, fail=fail)
+    worker, _ = fake_worker(provider)
+    _, report = send_now(worker, fake_batch(30, concurrency=3))
+
+    results = {r["id"]: r for r in report["results"]}
+    throttled = [r for r in results.values() if r["status"] == "throttled"]
+    assert len(throttled) == 1 and "429" in throttled[0]["error"]
+    # Sends already in flight finish; none starts after the throttle answer came.
+    assert all(t <= throttled_at[0] for t in provider.starts.values())
+    assert {r["status"] for r in results.values()} == {"sent", "throttled", "not_started"}
+    assert len(results) == 30
+    assert worker.summary.throttled == 1
+    assert worker.summary.not_started == 30 - len(provider.starts)
+
+
+def test_failures_are_reported_as_the_provider_answered_and_unknowns_are_left_out():
+    def fail(rid, n):
+        return {
+            2: SendError("550 no such user", permanent=True),
+            3: SendError("connection reset", permanent=False),
+            4: RuntimeError("a bug, or a timeout after the request went out"),
+        }.get(rid)
+
+    provider = RecordingProvider(fail=fail)
+    worker, _ = fake_worker(provider)
+    _, report = send_now(worker, fake_batch(5))
+    results = {r["id"]: r for r in report["results"]}
+    assert results[1]["status"] == results[5]["status"] == "sent"
+    assert (results[2]["status"], results[2]["permanent"]) == ("failed", True)
+    assert (results[3]["status"], results[3]["permanent"]) == ("failed", False)
+    assert results[3]["error"] == "connection reset" and "done_ms" in results[3]
+    # The send may have reached the provider: left out, the server marks it unknown.
+    assert 4 not in results
+    assert worker.summary.unknown == 1
+
+
+def test_no_send_starts_when_the_invocation_is_about_to_time_out():
+    provider = RecordingProvider()
+    worker, _ = fake_worker(provider, context=Remaining(ms=200))
+    _, report = send_now(worker, fake_batch(5))
+    assert provider.starts == {}
+    assert {r["status"] for r in report["results"]} == {"not_started"}
+
+
+def test_an_answer_that_needed_retries_ends_its_window_earlier():
+    batch = fake_batch(1, start_in_ms=100, stop_starting_in_ms=1_000)
+    window = Window.of(batch, received=10.0, first_sent=8.0, retried=True)
+    assert window.start_at == pytest.approx(10.1)  # never earlier than the server meant
+    assert window.stop_at == pytest.approx(9.0)  # never later
+    assert window.ms(10.5) == 2_500  # done_ms counted from the earliest possible grant
+
+
+# --- end to end: the real API over HTTP and the sandbox provider --------------------------------
+
+
+def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
+    api_url, sandbox, settings
+):
+    customer = make_customer(sandbox, batch_size=20, concurrency=4)
+    message = make_message(customer, 70)
+    worker, event = start_worker(customer, api_url)
+
+    summary = handler(event, LocalContext(20))
+
+    assert summary["stop"] == "done", summary
+    assert (summary["sent"], summary["failed"], summary["unknown"]) == (70, 0, 0)
+    assert summary["batches"] >= 4
+    assert_sent_once_each(message, sandbox)
+    assert not Lease.objects.filter(state=Lease.State.OPEN).exists()
+    # Every send arrived at the provider inside its lease's start window (plus the send time).
+    lease_of = {}
+    for lease in Lease.objects.filter(worker=worker):
+        for rid in lease.recipient_ids:
+            lease_of[str(rid)] = lease
+    for send in sandbox.sends:
+        lease = lease_of[send.idempotency_key]
+        assert send.arrived_ms >= checkin.datetime_to_ms(lease.start_at)
+        last_start = checkin.datetime_to_ms(lease.stop_starting_at)
+        assert send.arrived_ms <= last_start + settings.SEND_TIMEOUT_MS
+    row = WorkerRow.objects.get(pk=worker.pk)
+    assert (row.state, row.stop_reason) == ("stopped", "done")
+    assert row.last_seq >= summary["batches"] + 1  # one check-in per batch, plus waits
+
+
+def test_a_worker_near_its_deadline_stops_between_batches_and_leaves_nothing_leased(
+    api_url, sandbox, frozen_server_clock
+):
+    customer = make_customer(sandbox, per_minute=10, batch_size=10)
+    message = make_message(customer, 30)
+    _, event = start_worker(customer, api_url)
+    context = Remaining(60_000)
+    worker = Worker(event, context)
+
+    answer = worker.checkin()
+    assert answer.decision == "send"
+    worker.send_batch(answer.batch, answer.window)
+    context.ms = 900  # below the deadline margin (1 s in these tests)
+    summary = worker.run()
+
+    assert summary["stop"] == "deadline"
+    assert (summary["batches"], summary["sent"]) == (1, 10)
+    assert worker.seq == 2  # the final check-in delivered the report
+    assert not Lease.objects.filter(state=Lease.State.OPEN).exists()
+    counts = sorted(statuses(message).values())
+    assert counts == ["queued"] * 20 + ["sent"] * 10
+
+
+def test_a_lost_answer_is_retried_with_the_same_seq_and_replayed(
+    api_url, sandbox, frozen_server_clock
+):
+    customer = make_customer(sandbox)
+    make_message(customer, 10)
+    _, event = start_worker(customer, api_url)
+
+    class LosesTheFirstAnswer(requests.Session):
+        calls = []
+
+        def post(self, url, **kwargs):
+            self.calls.append(kwargs["json"].get("seq"))
+            response = super().post(url, **kwargs)
+            if len(self.calls) == 1:
+                raise requests.ConnectionError("connection reset after the request went out")
+            return response
+
+    session = LosesTheFirstAnswer()
+    api = Api(
+        event["api_url"], event["token"], timeout_s=5, retries=2, backoff_ms=10, session=session
+    )
+    worker = Worker(event, LocalContext(20), api=api)
+    answer = worker.checkin()
+    assert answer.decision == "send"
+    assert session.calls == [1, 1]
+    assert Lease.objects.count() == 1  # the retry got the stored answer, not a second grant
+    assert answer.batch["lease_id"] == Lease.objects.get().pk
+    assert answer.window.early_origin < answer.window.origin
+
+
+def test_a_refused_token_is_fatal_and_not_retried(api_url, sandbox):
+    customer = make_customer(sandbox)
+    make_message(customer, 5)
+    _, event = start_worker(customer, api_url)
+    event["token"] = "forged"
+
+    summary = handler(event, LocalContext(10))
+
+    assert summary["stop"].startswith("api error: checkin: HTTP 401")
+    assert summary["batches"] == 0
+    assert not Lease.objects.exists()
+
+
+def test_a_throttling_provider_loses_nothing_and_sends_nothing_twice(api_url, settings):
+    # The sandbox's own minute is frozen so that its cap of 5 cannot reset mid-test.
+    sandbox_now = [time.time_ns() // 1_000_000 // 60_000 * 60_000 + 1_000]
+    sandbox = SandboxServer(caps={API_KEY: 5}, clock=lambda: sandbox_now[0]).start()
+    try:
+        customer = make_customer(sandbox, per_minute=30, batch_size=10, concurrency=1)
+        message = make_message(customer, 8)
+        _, event = start_worker(customer, api_url)
+        first = handler(event, LocalContext(3.5))
+
+        assert first["sent"] == 5
+        assert first["throttled"] >= 1
+        assert first["stop"] == "deadline"
+        assert sandbox.report()["throttled"]
+        assert not Lease.objects.filter(state=Lease.State.OPEN).exists()
+        after_first = statuses(message)
+        assert sorted(set(after_first.values())) == ["queued", "sent"]
+
+        # The provider's next minute: another worker (as the conductor would start) sends the
+        # rest. The first one exited without saying so (the API has no "final" check-in yet), so
+        # stand in for the conductor, which notices a worker that stopped checking in.
+        sandbox_now[0] += 60_000
+        WorkerRow.objects.filter(pk=event["worker_id"]).update(state=WorkerRow.State.STOPPED)
+        _, event = start_worker(customer, api_url)
+        second = handler(event, LocalContext(10))
+
+        assert second["stop"] == "done", second
+        assert second["sent"] == 3
+        assert_sent_once_each(message, sandbox)
+    finally:
+        sandbox.stop()
+
+
+def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_mark_was_sent(
+    api_url, frozen_server_clock
+):
+    sandbox = SandboxServer(caps={API_KEY: 100_000}, latency=Latency(median_ms=200)).start()
+    try:
+        customer = make_customer(sandbox, batch_size=50, concurrency=5)
+        message = make_message(customer, 50)
+        _, event = start_worker(customer, api_url)
+        runtime = LocalRuntime(mode="process", timeout_s=20)
+        request_id = runtime.invoke(**event)
+        invocation = local_invocation(request_id)
+
+        def a_chunk_was_announced():
+            return Lease.objects.filter(started_through__gt=0).first()
+
+        lease = wait_for(a_chunk_was_announced, timeout_s=20)
+        assert invocation.terminate()
+        assert invocation.join(5) and invocation.returncode != 0
+
+        lease.refresh_from_db()
+        assert lease.state == Lease.State.OPEN
+        mark, ids = lease.started_through, lease.recipient_ids
+        assert 0 < mark < len(ids)
+        # No send past the announced mark ever reached the provider.
+        assert {s.idempotency_key for s in sandbox.sends} <= {str(i) for i in ids[:mark]}
+
+        at_expiry = Clock(checkin.datetime_to_ms(lease.expires_at))
+        assert checkin.reclaim_expired_leases(clock=at_expiry) == 1
+        after = statuses(message)
+        assert {after[i] for i in ids[:mark]} == {"unknown"}
+        assert {after[i] for i in ids[mark:]} == {"queued"}
+        assert not Recipient.objects.filter(status="leased").exists()
+    finally:
+        sandbox.stop()
