@@ -119,7 +119,9 @@ def checkin(
         if settlement is not None:
             _apply_settlement(lease, settlement)
 
-        if worker.is_live:
+        if request.final:
+            answer = {"decision": "stop", "reason": "final check-in"}
+        elif worker.is_live:
             answer = _decide(worker=worker, limits=limits, clock=clock)
         else:
             answer = {"decision": "stop", "reason": f"worker is {worker.state}"}
@@ -144,7 +146,7 @@ def checkin(
                 "last_response",
                 "last_checkin_at",
                 "rate_per_s",
-                "throttled",
+                "throttled_minute",
             ]
         )
     return {**answer, "token": token}
@@ -244,7 +246,8 @@ def _record(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> pa
     lease.settled_at = clock.now
     lease.save(update_fields=["state", "settled_at"])
     worker.rate_per_s = pacing.next_rate(worker.rate_per_s, len(started), report.elapsed_ms)
-    worker.throttled = counts[Outcome.THROTTLED] > 0
+    if counts[Outcome.THROTTLED]:
+        worker.throttled_minute = lease.minute_start
     return settlement
 
 
@@ -314,7 +317,10 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
         ),
         open_spill=open_spill,
         backlog=backlog,
-        worker=pacing.WorkerView(rate_per_s=worker.rate_per_s, throttled=worker.throttled),
+        # A throttled worker backs off for the rest of the minute it was throttled in.
+        worker=pacing.WorkerView(
+            rate_per_s=worker.rate_per_s, throttled=worker.throttled_minute == minute_start
+        ),
         running_workers=running,
     )
     if isinstance(decision, pacing.Stop):
@@ -389,6 +395,8 @@ def _grant(
             "stop_starting_in_ms": grant.stop_starting_in_ms,
             "minute_ends_in_ms": grant.minute_ends_in_ms,
             "concurrency": limits.concurrency,
+            # The per-send timeout the pacing assumes (no send arrives later than this).
+            "send_timeout_ms": limits.spill_hold_ms,
             "provider": _provider_payload(messages[0].customer),
             "messages": {str(m.pk): _message_payload(m) for m in messages if m.pk in used},
             "recipients": [

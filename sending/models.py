@@ -176,8 +176,8 @@ class Worker(models.Model):
         null=True, blank=True, help_text="Answer to last_seq, replayed if the worker retries it."
     )
     rate_per_s = models.FloatField(null=True, blank=True, help_text="Measured sends per second.")
-    throttled = models.BooleanField(
-        default=False, help_text="The provider throttled its last batch."
+    throttled_minute = models.DateTimeField(
+        null=True, blank=True, help_text="The last minute in which the provider throttled it."
     )
     stop_reason = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(auto_now_add=True)

@@ -49,6 +49,7 @@ class CheckinRequest:
     seq: int
     request_id: str
     report: Report | None
+    final: bool = False  # the worker is exiting: record the report, offer nothing more
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,17 @@ def parse_checkin(body: Any) -> CheckinRequest:
     if not isinstance(request_id, str) or len(request_id) > 100:
         problems.append("request_id: a string of at most 100 characters")
     report = _report(obj.get("report"), problems)
-    unknown = set(obj) - {"worker_id", "seq", "request_id", "report"}
+    final = obj.get("final", False)
+    if not isinstance(final, bool):
+        problems.append("final: true or false")
+    unknown = set(obj) - {"worker_id", "seq", "request_id", "report", "final"}
     if unknown:
         problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
     if problems:
         raise BadRequest(problems)
-    return CheckinRequest(worker_id=worker_id, seq=seq, request_id=request_id, report=report)
+    return CheckinRequest(
+        worker_id=worker_id, seq=seq, request_id=request_id, report=report, final=final
+    )
 
 
 def parse_progress(body: Any) -> ProgressRequest:

@@ -56,7 +56,6 @@ DEFAULTS: dict[str, float | int] = {
 }
 CHUNK_S = 1.0  # about this much sending per progress call
 SLOT_POLL_S = 0.05  # how often a sender waiting for a free slot re-checks the window
-GIVE_BACK_TRIES = 2  # see Worker.final_checkin
 
 
 def ensure_django() -> None:
@@ -336,14 +335,15 @@ class Worker:
 
     # Steps.
 
-    def checkin(self) -> Answer:
-        """Report the last batch (if any) and get the next decision."""
+    def checkin(self, *, final: bool = False) -> Answer:
+        """Report the last batch (if any) and get the next decision (always stop when final)."""
         self.seq += 1
         body = {
             "worker_id": self.worker_id,
             "seq": self.seq,
             "request_id": self.request_id,
             "report": self.report,
+            "final": final,
         }
         first_sent = self.clock()
         answer = self.api.post("checkin", body)
@@ -428,29 +428,11 @@ class Worker:
             self.send_batch(answer.batch, answer.window)
 
     def final_checkin(self) -> None:
-        """Deliver the last report before exiting, so nothing is left leased.
-
-        The API has no "report only" check-in: if it answers with a new batch anyway, that batch
-        is given straight back as not started (a couple of times at most; a lease still left
-        after that expires with nothing started, and all of it returns to the queue).
-        """
-        answer = self.checkin()
-        for _ in range(GIVE_BACK_TRIES):
-            if answer.decision != "send":
-                return
-            batch = answer.batch
-            self.report = {
-                "lease_id": batch["lease_id"],
-                "elapsed_ms": 0,
-                "results": [{"id": r["id"], "status": "not_started"} for r in batch["recipients"]],
-            }
-            answer = self.checkin()
-        if answer.decision == "send":
-            log.warning(
-                "worker %s: out of time with lease %s granted; it expires unstarted",
-                self.worker_id,
-                answer.batch["lease_id"],
-            )
+        """Deliver the last report before exiting, so nothing is left leased; the API answers a
+        final check-in with stop and marks this worker stopped."""
+        answer = self.checkin(final=True)
+        if answer.decision != "stop":
+            raise ApiError(f"final check-in answered {answer.decision!r}, expected stop")
 
     def close(self) -> None:
         if self._provider is not None:

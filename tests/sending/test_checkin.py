@@ -425,3 +425,41 @@ def test_a_send_in_doubt_is_recorded_unknown_and_charged_to_both_minutes(custome
     this_minute, next_minute = CustomerMinute.objects.order_by("minute_start")
     assert (this_minute.granted, this_minute.refunded) == (2, 0)
     assert next_minute.carried_in == 1
+
+
+def test_a_final_checkin_records_the_report_and_stops_the_worker(customer):
+    make_message(customer, 100)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    body = {
+        "worker_id": worker.pk,
+        "seq": 2,
+        "request_id": "inv-1",
+        "report": report_all_sent(first),
+        "final": True,
+    }
+    answer = checkin.checkin(
+        claims=tokens.verify(first["token"]), request=parse_checkin(body), clock=Clock(T0 + 500)
+    )
+    assert (answer["decision"], answer["reason"]) == ("stop", "final check-in")
+    assert Recipient.objects.filter(status="sent").count() == 50
+    assert not Recipient.objects.filter(status="leased").exists()
+    worker.refresh_from_db()
+    assert worker.state == "stopped"
+
+
+def test_a_throttled_worker_waits_out_its_minute_only(customer):
+    make_message(customer, 100)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    report = {
+        "lease_id": first["batch"]["lease_id"],
+        "elapsed_ms": 10,
+        "results": [{"id": ids[0], "status": "throttled"}]
+        + [{"id": i, "status": "not_started"} for i in ids[1:]],
+    }
+    second = call(worker, first["token"], 2, report, at=T0 + 100)
+    assert second["decision"] == "wait"
+    third = call(worker, second["token"], 3, at=T0 - 1_500 + WINDOW_MS + 300)
+    assert third["decision"] == "send"

@@ -12,6 +12,9 @@ from sending.models import Message, Recipient
 
 ACCOUNT_NAME = "Demo sandbox"
 ACCOUNT_CAP = 1_200
+# `make run` serves the sandbox provider here, with this account's key and cap.
+SANDBOX_URL = "http://127.0.0.1:8025/"
+SANDBOX_API_KEY = "demo-sandbox-key"
 CUSTOMER_SLUG = "demo"
 CUSTOMER_NAME = "Demo University"
 PER_MINUTE = 600
@@ -60,7 +63,12 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         account, created = ProviderAccount.objects.get_or_create(
             name=ACCOUNT_NAME,
-            defaults={"kind": ProviderAccount.Kind.SANDBOX, "per_minute_cap": ACCOUNT_CAP},
+            defaults={
+                "kind": ProviderAccount.Kind.SANDBOX,
+                "per_minute_cap": ACCOUNT_CAP,
+                "settings": {"api_url": SANDBOX_URL},
+                "credentials": {"api_key": SANDBOX_API_KEY},
+            },
         )
         self._report(created, f"provider account {account.name} ({account.per_minute_cap}/min)")
 

@@ -57,8 +57,11 @@ class Command(BaseCommand):
                 "emailops.asgi:application", host=host, port=port, log_level="info", lifespan="off"
             )
         finally:
+            from sending.runtimes import shutdown_local_workers
+
             beat.stop()
             worker.stop(in_sighandler=False)
+            shutdown_local_workers(timeout_s=10)
             sandbox.stop()
 
     def _start_sandbox(self, port: int):
