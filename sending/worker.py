@@ -413,8 +413,9 @@ class Worker:
     def _loop(self) -> str:
         while True:
             if self.out_of_time():
-                if self.report is not None:
-                    self.final_checkin()
+                # Always said, report or not: the server then counts this worker as stopped
+                # at once, and the conductor can start its replacement.
+                self.final_checkin()
                 return "deadline"
             answer = self.checkin()
             if answer.decision == "stop":
