@@ -21,7 +21,7 @@ run: $(VENV)/.runtime
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py seed_demo
 	$(PY) manage.py ensure_admin
-	$(PY) manage.py runserver $(HOST):$(PORT)
+	$(PY) manage.py run_embedded --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev
 	$(PY) manage.py makemigrations --check --dry-run
