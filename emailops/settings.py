@@ -121,7 +121,11 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# Where `collectstatic` puts files for production; in development they are served from where
+# they are, so there is no such folder to look in.
+STATIC_ROOT = env.str("STATIC_ROOT", default="") or (
+    None if DEBUG else str(BASE_DIR / "staticfiles")
+)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 # WhiteNoise serves static files from the app process itself (one container, no CDN); in
 # development it finds them where they are, in production from `collectstatic` output.
