@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection
+from django.db.models import Case, F, Value, When
 
 from .models import Recipient
 
@@ -96,31 +97,44 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
 
 
 def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
-    """Write a lease's outcomes in one statement; only rows still leased are touched.
+    """Write a lease's outcomes in one statement; rows no longer leased keep what they have.
 
-    Returns the number of rows written.
+    The rows are found by primary key only, and "still leased" is checked per row inside the SET,
+    not in the WHERE: leased rows are a sliver of the table that statistics never see, so a
+    `status = 'leased'` filter makes the planner expect one row, scan the table for it and loop
+    over the batch for each row found (measured: 620 ms for 500 rows of a 60,000-row table).
+    Returns the number of rows matched.
     """
     if not outcomes:
         return 0
-    status_expr = """CASE
+    # LEASED is a constant of ours, inlined so each guard needs no parameter of its own.
+    leased = f"r.status = '{LEASED}'"
+
+    def guarded(new: str, old: str) -> str:
+        return f"CASE WHEN {leased} THEN {new} ELSE {old} END"
+
+    new_status = """CASE
             WHEN u.status = %s AND r.attempts + 1 >= %s THEN %s
             WHEN u.status = %s THEN %s
             ELSE u.status END"""
     status_params = [RETRY, max_attempts, FAILED, RETRY, QUEUED]
     assignments = f"""
-        status = {status_expr},
-        attempts = r.attempts + u.attempted,
-        provider_message_id = CASE WHEN u.provider_id <> '' THEN u.provider_id
-                                   ELSE r.provider_message_id END,
-        last_error = CASE WHEN u.error <> '' THEN u.error ELSE r.last_error END,
-        sent_at = COALESCE(u.sent_at, r.sent_at)
+        status = {guarded(new_status, "r.status")},
+        attempts = {guarded("r.attempts + u.attempted", "r.attempts")},
+        provider_message_id = {
+        guarded(
+            "COALESCE(NULLIF(u.provider_id, ''), r.provider_message_id)", "r.provider_message_id"
+        )
+    },
+        last_error = {guarded("COALESCE(NULLIF(u.error, ''), r.last_error)", "r.last_error")},
+        sent_at = {guarded("COALESCE(u.sent_at, r.sent_at)", "r.sent_at")}
     """
     if _is_postgres():
         sql = f"""
             UPDATE sending_recipient AS r SET {assignments}
             FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[],
                         %s::timestamptz[]) AS u(id, status, provider_id, error, attempted, sent_at)
-            WHERE r.id = u.id AND r.status = %s
+            WHERE r.id = u.id
         """  # noqa: S608 - constant SQL fragments only
         params = [
             *status_params,
@@ -130,7 +144,6 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
             [o.error for o in outcomes],
             [int(o.attempted) for o in outcomes],
             [o.sent_at for o in outcomes],
-            LEASED,
         ]
     else:
         sql = f"""
@@ -141,7 +154,7 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
                        value ->> '$.attempted' AS attempted, value ->> '$.sent_at' AS sent_at
                 FROM json_each(%s)
             ) AS u
-            WHERE r.id = u.id AND r.status = %s
+            WHERE r.id = u.id
         """  # noqa: S608 - constant SQL fragments only
         rows = [
             {
@@ -154,7 +167,7 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
             }
             for o in outcomes
         ]
-        params = [*status_params, json.dumps(rows), LEASED]
+        params = [*status_params, json.dumps(rows)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
@@ -168,7 +181,13 @@ def _sqlite_datetime(value: datetime | None) -> str | None:
 
 
 def release(ids: Sequence[int], *, status: str) -> int:
-    """Move still-leased recipients to `status` (QUEUED or UNKNOWN) in one statement."""
+    """Move still-leased recipients to `status` (QUEUED or UNKNOWN) in one statement, found by
+    primary key only (see `record` for why "still leased" is not in the WHERE).
+
+    Returns the number of rows matched.
+    """
     if not ids:
         return 0
-    return Recipient.objects.filter(id__in=list(ids), status=LEASED).update(status=status)
+    return Recipient.objects.filter(id__in=list(ids)).update(
+        status=Case(When(status=LEASED, then=Value(status)), default=F("status"))
+    )

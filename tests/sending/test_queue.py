@@ -87,15 +87,22 @@ def test_record_ignores_rows_that_are_no_longer_leased(message):
     ids = _recipients(message, 2)
     queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=2)
     Recipient.objects.filter(id=ids[1]).update(status="cancelled")
-    written = queue.record(
+    queue.record(
         [queue.Outcome(i, queue.SENT, provider_id="x", attempted=True) for i in ids], max_attempts=3
     )
-    assert written == 1
-    assert Recipient.objects.get(id=ids[1]).status == "cancelled"
+    untouched = Recipient.objects.get(id=ids[1])
+    assert (untouched.status, untouched.provider_message_id, untouched.attempts) == (
+        "cancelled",
+        "",
+        0,
+    )
+    assert Recipient.objects.get(id=ids[0]).status == "sent"
 
 
 def test_release_returns_only_leased_rows(message):
     ids = _recipients(message, 3)
     queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=2)
-    assert queue.release(ids, status=queue.QUEUED) == 2
-    assert set(Recipient.objects.values_list("status", flat=True)) == {"queued"}
+    Recipient.objects.filter(id=ids[0]).update(status="sent")
+    queue.release(ids, status=queue.UNKNOWN)
+    statuses = dict(Recipient.objects.values_list("id", "status"))
+    assert [statuses[i] for i in ids] == ["sent", "unknown", "queued"]
