@@ -79,7 +79,10 @@ A6. Progress watermark. Before each chunk of sending (``progress_chunk``: about 
     (monotone) only while the lease is open, atomically with respect to settling it (the UPDATE
     is conditional on the lease being open, and the settlement reads the mark in the same
     transaction that closes the lease). A progress report for a settled lease is refused (409)
-    and the worker then starts nothing more of that lease (it stops).
+    and the worker then starts nothing more of that lease (it stops). A report whose answer was
+    lost is not acknowledged: the worker may retry it (recording is monotone, so a retry is
+    harmless) but starts nothing past the previous mark until an answer comes. The first report
+    may be sent as soon as the grant is received, before the start window opens.
 
 1. Nothing granted in minute M reaches minute M-1 at the provider: the worker starts no send
    before ``now + d + start_in_ms >= minute_start + guard`` (server time), so arrival on the
@@ -126,9 +129,13 @@ Hence no minute goes over the cap in force at its last grant. Lowering the cap a
 decision (a negative budget means Wait); sends already granted are not recalled.
 
 What a lost worker costs: only its in-doubt recipients that it never actually started (at most
-about one chunk plus ``concurrency``); those it did start really are sent and count at the
-provider. The refund arrives ``overdue_in_ms`` after the grant, usually while the minute is still
-current. A worker that dies before its first progress report costs nothing but its slot.
+about one chunk plus ``concurrency``: the mark runs ahead of the starts by up to that much);
+those it did start really are sent and count at the provider. The refund arrives
+``overdue_in_ms`` after the grant, usually while the minute is still current. A worker that dies
+before its first progress report costs nothing but its slot. When a batch is a single chunk
+(small caps: ``batch_size <= progress_chunk``), a crash after the report and before the starts
+loses up to the whole batch for that minute; so a minute with such a crash can only stay within
+1% of the cap when a chunk (at least ``concurrency``) is below 1% of the cap.
 
 Throttling
 ----------

@@ -207,6 +207,8 @@ class _Run:
                 "progress_reports",
                 "in_doubt",
                 "in_doubt_unsent",
+                "max_in_doubt_unsent",
+                "max_chunk",
             ),
             0,
         )
@@ -356,6 +358,7 @@ class _Run:
         if self.cfg.progress:
             chunk = pacing.progress_chunk(rate_per_s=worker.rate, concurrency=self.cfg.concurrency)
             chunks = -(-n // chunk)
+            self.stats["max_chunk"] = max(self.stats["max_chunk"], min(chunk, n))
             low, high = self.cfg.response_latency_ms
             up = self.rng.integers(low, high + 1, chunks).tolist()
             down = self.rng.integers(low, high + 1, chunks).tolist()
@@ -396,6 +399,9 @@ class _Run:
         if crashed:
             self.stats["crashes"] += 1
             self.stats["in_doubt_unsent"] += mark - n_started
+            self.stats["max_in_doubt_unsent"] = max(
+                self.stats["max_in_doubt_unsent"], mark - n_started
+            )
             # Minutes a crash can cost: its own, the one its lease may spill into, and those
             # until a replacement can have checked in.
             first = grant.minute_start_ms // self.window

@@ -394,8 +394,40 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
     def ledger(minute: int) -> MinuteLedger:
         return ledgers.get(minute) or MinuteLedger(minute_start_ms=minute)
 
-    ops = ["advance", "check_in", "check_in", "progress", "progress", "deliver", "report"]
-    ops += ["abandon", "cap"]
+    def check_in_once(backlog: int, worker: WorkerView, running: int) -> bool:
+        minute = pacing.minute_start(now, window)
+        spill = pacing.open_spill(
+            o.lease for o in open_leases if o.lease.minute_start_ms == minute - window
+        )
+        decision = decide(
+            now_ms=now,
+            limits=limits,
+            ledger=ledger(minute),
+            open_spill=spill,
+            backlog=backlog,
+            worker=worker,
+            running_workers=running,
+        )
+        if isinstance(decision, Wait):
+            assert decision.ms > 0
+        if not isinstance(decision, Grant):
+            return False
+        assert 1 <= decision.size <= min(limits.batch_size, backlog)
+        assert decision.minute_start_ms == minute
+        assert now + decision.minute_ends_in_ms == minute + window
+        assert 0 <= decision.start_in_ms <= decision.stop_starting_in_ms
+        assert now + decision.start_in_ms >= minute + limits.guard_ms
+        assert now + decision.stop_starting_in_ms <= minute + window - limits.guard_ms
+        ledgers[minute] = pacing.charge(ledger(minute), decision)
+        charged = ledgers[minute].charged + spill
+        assert charged <= limits.per_minute
+        lease = Lease.from_grant(decision, limits)
+        open_leases.append(OpenLease(lease, now, decision.start_in_ms))
+        last_cap[minute] = limits.per_minute
+        return True
+
+    ops = ["advance", "check_in", "check_in", "fill", "progress", "progress", "deliver"]
+    ops += ["report", "abandon", "cap"]
     for _ in range(data.draw(st.integers(1, 100), label="steps")):
         op = data.draw(st.sampled_from(ops))
         if op == "advance":
@@ -481,38 +513,20 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             started[minute] += sent_failed + unknown
             crossed_in[minute + window] += late + (unknown if lease.may_cross else 0)
             open_leases.pop(index)
-        elif op == "check_in":
-            minute = pacing.minute_start(now, window)
-            spill = pacing.open_spill(
-                o.lease for o in open_leases if o.lease.minute_start_ms == minute - window
-            )
-            backlog = data.draw(st.integers(0, 500))
-            decision = decide(
-                now_ms=now,
-                limits=limits,
-                ledger=ledger(minute),
-                open_spill=spill,
-                backlog=backlog,
-                worker=WorkerView(rate_per_s=data.draw(rates), throttled=data.draw(st.booleans())),
-                running_workers=data.draw(st.integers(1, 6)),
-            )
-            if isinstance(decision, Wait):
-                assert decision.ms > 0
-            if not isinstance(decision, Grant):
-                continue
-            assert 1 <= decision.size <= min(limits.batch_size, backlog)
-            assert decision.minute_start_ms == minute
-            assert now + decision.minute_ends_in_ms == minute + window
-            assert 0 <= decision.start_in_ms <= decision.stop_starting_in_ms
-            assert now + decision.start_in_ms >= minute + limits.guard_ms
-            assert now + decision.stop_starting_in_ms <= minute + window - limits.guard_ms
-            ledgers[minute] = pacing.charge(ledger(minute), decision)
-            charged = ledgers[minute].charged + spill
-            assert charged <= limits.per_minute
-            lease = Lease.from_grant(decision, limits)
-            open_leases.append(OpenLease(lease, now, decision.start_in_ms))
-            last_cap[minute] = limits.per_minute
-
+        elif op in ("check_in", "fill"):
+            # "fill": healthy workers check in until the minute's budget is gone, so that any
+            # budget the ledger wrongly frees is granted again.
+            for _ in range(1 if op == "check_in" else 10):
+                if op == "check_in":
+                    backlog = data.draw(st.integers(0, 500))
+                    worker = WorkerView(
+                        rate_per_s=data.draw(rates), throttled=data.draw(st.booleans())
+                    )
+                    running = data.draw(st.integers(1, 6))
+                else:
+                    backlog, worker, running = 500, WorkerView(rate_per_s=1_000.0), 1
+                if not check_in_once(backlog, worker, running):
+                    break
     # Leases never reported: worst case, everything was sent and may have crossed.
     for item in open_leases:
         started[item.lease.minute_start_ms] += item.lease.size

@@ -39,9 +39,12 @@ def test_short_run_with_skew_and_crashes_never_goes_over_and_fills_minutes(seed)
     clean[sorted(result.crash_minutes)] = False
     assert clean.sum() >= 20
     assert (result.accepted[clean] / SHORT.per_minute).min() >= 0.99
-    # A crashed worker's un-started recipients stay charged to their minute: the cost of a crash
-    # is bounded by the batches lost in it.
-    assert result.accepted[result.eligible].min() >= SHORT.per_minute - 2 * SHORT.batch_size
+    # A crash costs at most its lease's in-doubt part, charged to its minute and (crossed) to the
+    # next one: per minute, at most two batches per crash in it or the minute before.
+    for minute in np.flatnonzero(result.eligible):
+        near = sum(1 for m in result.crash_lease_minutes if m in (minute - 1, minute))
+        short = SHORT.per_minute - result.accepted[minute]
+        assert short <= 2 * SHORT.batch_size * near + 0.01 * SHORT.per_minute, minute
 
 
 def test_realistic_minute_with_many_workers_fills_the_cap_exactly():
@@ -85,3 +88,39 @@ def test_baseline_token_bucket_sends_at_the_cap_and_goes_over_in_some_minutes():
     assert abs(sent.mean() / config.per_minute - 1) < 0.01  # it runs at the cap on average
     assert baseline.over_cap_minutes > 0  # and, with no calendar alignment, jitter goes over
     assert simulate(config).over_cap_minutes == 0
+
+
+# A 60 s minute, 6_000/min, batches of 500 (about four progress chunks) and a crash every 20
+# batches on average.
+CRASHY = SimConfig(
+    per_minute=6_000, max_workers=5, batch_size=500, minutes=30, crash_p=0.05, seed=21
+)
+
+
+def test_progress_reports_give_a_crashed_workers_unstarted_recipients_back_in_time():
+    with_progress = simulate(CRASHY)
+    without = simulate(replace(CRASHY, progress=False))
+    for result in (with_progress, without):
+        assert result.stats["crashes"] >= 15
+        assert result.over_cap_minutes == 0
+    stats = with_progress.stats
+    assert stats["abandoned"] >= stats["crashes"]
+    assert stats["refunded"] > 0  # recipients past the mark, back while the minute is current
+    assert stats["max_chunk"] < CRASHY.batch_size
+    # Only what was declared and never started is lost, not the rest of the lease ...
+    assert stats["in_doubt_unsent"] < 0.25 * stats["crashes"] * CRASHY.batch_size
+    short = CRASHY.per_minute - with_progress.accepted[with_progress.eligible]
+    assert short.sum() <= stats["in_doubt_unsent"]
+    # ... which is far less than without progress reports.
+    short_without = CRASHY.per_minute - without.accepted[without.eligible]
+    assert short.sum() < 0.5 * short_without.sum()
+
+
+def test_a_live_worker_presumed_lost_is_refused_and_stops_and_nothing_goes_over():
+    # Slow sends (median 600 ms, cut at 5 s) keep live workers out past overdue_in_ms: their
+    # leases are abandoned, their reports refused, and replacements take over.
+    config = replace(CRASHY, latency_median_ms=600.0, crash_p=0.0, max_workers=20, minutes=10)
+    result = simulate(config)
+    assert result.stats["false_alarms"] > 0
+    assert result.stats["abandoned"] == result.stats["false_alarms"]
+    assert result.over_cap_minutes == 0
