@@ -100,6 +100,7 @@ async def progress(request: HttpRequest) -> HttpResponse:
     )
 
 
+@csrf_exempt  # so that a POST is answered 405, like any other method but GET
 @require_GET
 def openapi(request: HttpRequest) -> HttpResponse:
     return HttpResponse(OPENAPI_PATH.read_bytes(), content_type="application/yaml")

@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Sum
+from django.db.models import F, Q, Sum
+from django.db.models.functions import Greatest
 
 from customers.models import SendLimit
 
@@ -182,6 +183,9 @@ def _check_report(lease: Lease | None, report: Report | None) -> None:
         return
     if lease is None or report.lease_id != lease.pk:
         raise Conflict(f"lease {report.lease_id} is not this worker's open lease")
+    ids = [r.id for r in report.results]
+    if len(ids) != len(set(ids)):
+        raise Conflict("a recipient appears more than once in the report")
     members = set(lease.recipient_ids)
     strangers = [r.id for r in report.results if r.id not in members]
     if strangers:
@@ -455,31 +459,38 @@ def _message_payload(message: Message) -> dict:
 
 
 def progress(*, claims: tokens.WorkerClaims, request: ProgressRequest) -> None:
-    """Record how far into its lease a worker may have started sends (monotone)."""
+    """Record how far into its lease a worker may have started sends (never lowered).
+
+    One conditional UPDATE that only touches an open lease: if the lease was settled meanwhile
+    (reclaimed as overdue), nothing is recorded and the worker is told so (409) — it must then
+    start nothing more, which is what makes refunding past the mark safe (pacing, A6).
+    """
     if request.worker_id != claims.worker_id:
         raise Forbidden("this token belongs to another worker")
-    lease = (
-        Lease.objects.filter(pk=request.lease_id, worker_id=request.worker_id)
-        .select_related("worker")
-        .first()
-    )
-    if lease is None or lease.worker.customer_id != claims.customer_id:
+    updated = Lease.objects.filter(
+        pk=request.lease_id,
+        worker_id=request.worker_id,
+        worker__customer_id=claims.customer_id,
+        state=Lease.State.OPEN,
+        size__gte=request.started_through,
+    ).update(started_through=Greatest(F("started_through"), request.started_through))
+    if updated:
+        return
+    lease = Lease.objects.filter(pk=request.lease_id, worker_id=request.worker_id).first()
+    if lease is None:
         raise Conflict(f"lease {request.lease_id} is not this worker's")
     if lease.state != Lease.State.OPEN:
-        raise Conflict(f"lease {request.lease_id} is {lease.state}")
-    if request.started_through > lease.size:
-        raise Conflict(
-            f"started_through {request.started_through} is past the lease's {lease.size}"
-        )
-    Lease.objects.filter(pk=lease.pk, started_through__lt=request.started_through).update(
-        started_through=request.started_through
-    )
+        raise Conflict(f"lease {request.lease_id} is {lease.state}: start nothing more")
+    raise Conflict(f"started_through {request.started_through} is past the lease's {lease.size}")
 
 
 def reclaim_expired_leases(*, clock: Clock | None = None, customer_id: int | None = None) -> int:
-    """Settle leases whose worker never reported: recipients past the started mark go back to the
-    queue, those up to it become unknown, and what may have crossed stays charged to the next
-    minute. The worker is marked lost.
+    """Settle leases whose worker is overdue (not back by `overdue_at`, or `expires_at` if that
+    comes first): the worker is presumed lost. Recipients past its started mark go back to the
+    queue and their budget to the lease's minute (usable by other workers while that minute
+    lasts); those up to the mark become unknown, stay charged, and if they may cross are charged
+    to the next minute too. If the worker is in fact alive, its progress and its report are
+    refused (409) and it is told to stop, so it starts nothing past the mark.
 
     Each lease is settled in a transaction of its own that takes the same locks, in the same
     order, as a check-in (worker, then the customer's SendLimit), so a late check-in and a reclaim
@@ -487,7 +498,9 @@ def reclaim_expired_leases(*, clock: Clock | None = None, customer_id: int | Non
     Returns the number of leases reclaimed.
     """
     clock = clock or Clock.read()
-    due = Lease.objects.filter(state=Lease.State.OPEN, expires_at__lte=clock.now)
+    due = Lease.objects.filter(
+        Q(overdue_at__lte=clock.now) | Q(expires_at__lte=clock.now), state=Lease.State.OPEN
+    )
     if customer_id is not None:
         due = due.filter(customer_id=customer_id)
     reclaimed = 0
@@ -497,19 +510,28 @@ def reclaim_expired_leases(*, clock: Clock | None = None, customer_id: int | Non
         with transaction.atomic():
             Worker.objects.select_for_update().filter(pk=worker_id).first()
             SendLimit.objects.select_for_update().filter(customer_id=lease_customer).first()
-            lease = Lease.objects.filter(pk=lease_id, state=Lease.State.OPEN).first()
+            lease = (
+                Lease.objects.select_for_update()
+                .filter(pk=lease_id, state=Lease.State.OPEN)
+                .first()
+            )
             if lease is None:
                 continue  # its worker reported while we waited for the lock
             in_doubt = lease.recipient_ids[: lease.started_through]
             not_started = lease.recipient_ids[lease.started_through :]
             queue.release(in_doubt, status=queue.UNKNOWN)
             queue.release(not_started, status=queue.QUEUED)
-            _apply_settlement(lease, pacing.settle_expired(lease=_pacing_lease(lease)))
+            _apply_settlement(
+                lease,
+                pacing.settle_abandoned(
+                    lease=_pacing_lease(lease), started_through=lease.started_through
+                ),
+            )
             lease.state = Lease.State.EXPIRED
             lease.settled_at = clock.now
             lease.save(update_fields=["state", "settled_at"])
             Worker.objects.filter(pk=worker_id, state__in=Worker.LIVE_STATES).update(
-                state=Worker.State.LOST, stopped_at=clock.now, stop_reason="lease expired"
+                state=Worker.State.LOST, stopped_at=clock.now, stop_reason="lease overdue"
             )
             reclaimed += 1
     return reclaimed

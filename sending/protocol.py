@@ -135,9 +135,6 @@ def _report(raw: Any, problems: list[str]) -> Report | None:
         problems.append(f"report.results: at most {MAX_RESULTS} entries")
         return None
     results = tuple(_result(r, i, problems) for i, r in enumerate(raw_results))
-    ids = [r.id for r in results if r]
-    if len(ids) != len(set(ids)):
-        problems.append("report.results: a recipient id appears more than once")
     return Report(lease_id=lease_id, elapsed_ms=elapsed_ms, results=results)  # type: ignore[arg-type]
 
 

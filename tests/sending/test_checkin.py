@@ -258,24 +258,32 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
         ),
     )
     lease = Lease.objects.get(pk=lease_id)
-    assert (
-        checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at) - 1))
-        == 0
-    )
-    assert (
-        checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at))) == 1
-    )
+    overdue = checkin.datetime_to_ms(lease.overdue_at)
+    assert checkin.reclaim_expired_leases(clock=Clock(overdue - 1)) == 0
+    assert checkin.reclaim_expired_leases(clock=Clock(overdue)) == 1
     statuses = dict(Recipient.objects.filter(id__in=ids).values_list("id", "status"))
     assert {statuses[i] for i in ids[:20]} == {"unknown"}
     assert {statuses[i] for i in ids[20:]} == {"queued"}
     assert Lease.objects.get(pk=lease_id).state == "expired"
     worker.refresh_from_db()
     assert worker.state == "lost"
+    # The 30 past the mark were never started: their budget returns to the lease's minute; the
+    # 20 in doubt stay charged there and, as they may cross, to the next minute too.
     assert lease.may_cross
+    this_minute = CustomerMinute.objects.get(customer=customer, minute_start=lease.minute_start)
+    assert (this_minute.granted, this_minute.refunded) == (50, 30)
     following = CustomerMinute.objects.get(
         customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
     )
-    assert following.carried_in == 50
+    assert following.carried_in == 20
+    # The worker, if alive after all, may start nothing more.
+    with pytest.raises(checkin.Conflict, match="start nothing more"):
+        checkin.progress(
+            claims=tokens.verify(answer["token"]),
+            request=parse_progress(
+                {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 30}
+            ),
+        )
 
 
 def test_unknown_recipients_are_not_offered_again(customer):
@@ -284,9 +292,9 @@ def test_unknown_recipients_are_not_offered_again(customer):
     answer = call(worker, token, 1)
     lease = Lease.objects.get(pk=answer["batch"]["lease_id"])
     Lease.objects.filter(pk=lease.pk).update(started_through=50)
-    checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.expires_at)))
+    checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.overdue_at)))
     worker2, token2 = checkin.worker_start(customer_id=customer.pk)
-    later = checkin.datetime_to_ms(lease.expires_at) + 1000
+    later = checkin.datetime_to_ms(lease.overdue_at) + 1000
     assert call(worker2, token2, 1, at=later)["decision"] == "stop"
 
 
