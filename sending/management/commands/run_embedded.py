@@ -47,7 +47,11 @@ class Command(BaseCommand):
             without_gossip=True,
         )
         threading.Thread(target=worker.start, name="celery-worker", daemon=True).start()
-        beat = EmbeddedService(celery_app, thread=True)
+        # The same database scheduler as production's beat (the CLI reads it from settings; the
+        # embedded service must be told).
+        beat = EmbeddedService(
+            celery_app, thread=True, scheduler_cls=celery_app.conf.beat_scheduler
+        )
         beat.start()
         self.stdout.write(
             f"Celery worker and beat running in-process; sandbox provider at {sandbox.url}"
