@@ -36,7 +36,7 @@ def _transition(message: Message, *, to: str, allowed: tuple[str, ...], verb: st
 
 
 def _record(message: Message, user, text: str) -> None:
-    log.info("message %s: %s by %s", message.pk, text, user or "the scheduler")
+    log.info("message %s: %s by %s", message.pk, text, user or "the system")
     if user is not None:
         LogEntry.objects.log_actions(
             user_id=user.pk,
