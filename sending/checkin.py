@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, Sum
+from django.db.models import Avg, Count, F, Q, Sum
 from django.db.models.functions import Greatest
 
 from customers.models import SendLimit
@@ -90,7 +90,7 @@ def _load_worker(claims: tokens.WorkerClaims, worker_id: int) -> Worker:
 def checkin(
     *, claims: tokens.WorkerClaims, request: CheckinRequest, clock: Clock | None = None
 ) -> dict:
-    clock = clock or Clock.read()
+    fixed_clock = clock
     with transaction.atomic():
         worker = _load_worker(claims, request.worker_id)
         token = tokens.mint(customer_id=worker.customer_id, worker_id=worker.pk)
@@ -114,8 +114,13 @@ def checkin(
         if lease is not None:
             # Recording needs only the worker's lock (the rows are leased to it), so the heavy
             # statement runs before the customer's lock is taken.
-            settlement = _record(worker=worker, lease=lease, report=request.report, clock=clock)
+            settlement = _record(
+                worker=worker, lease=lease, report=request.report, clock=fixed_clock or Clock.read()
+            )
         send_limit = SendLimit.objects.select_for_update().get(customer_id=worker.customer_id)
+        # The time of the decision is read once the locks are held, so a wait for them does not
+        # make it stale (the worker also anchors the window's end at its request: see worker.py).
+        clock = fixed_clock or Clock.read()
         limits = limits_for(send_limit)
         if settlement is not None:
             _apply_settlement(lease, settlement)
@@ -308,7 +313,9 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
         or 0
     )
     backlog = backlog_for(customer_id=customer_id, limits=limits)
-    running = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
+    pool = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).aggregate(
+        running=Count("id"), rate=Avg("rate_per_s")
+    )
     decision = pacing.decide(
         now_ms=clock.now_ms,
         limits=limits,
@@ -322,10 +329,14 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
         open_spill=open_spill,
         backlog=backlog,
         # A throttled worker backs off for the rest of the minute it was throttled in.
+        # A worker with no measured rate yet is taken to be as fast as its peers, the estimate the
+        # conductor starts workers by: otherwise a new worker, assumed faster, could be retired as
+        # surplus by the same numbers that made the conductor start it.
         worker=pacing.WorkerView(
-            rate_per_s=worker.rate_per_s, throttled=worker.throttled_minute == minute_start
+            rate_per_s=worker.rate_per_s or pool["rate"],
+            throttled=worker.throttled_minute == minute_start,
         ),
-        running_workers=running,
+        running_workers=pool["running"],
     )
     if isinstance(decision, pacing.Stop):
         return {"decision": "stop", "reason": decision.reason}

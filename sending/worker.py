@@ -175,18 +175,21 @@ class Window:
     """A batch's send window on the monotonic clock (seconds)."""
 
     origin: float  # when the answer arrived
-    early_origin: float  # == origin, or when the first attempt was sent if the answer was retried
+    early_origin: float  # when the request (its first attempt) was sent
     start_at: float
     stop_at: float
 
     @classmethod
     def of(cls, batch: dict, *, received: float, first_sent: float, retried: bool) -> Window:
-        early = first_sent if retried else received
+        """The server's offsets are relative to when it read its clock, somewhere between our
+        first attempt and the answer's arrival (lock waits and a slow network included). Each end
+        takes the anchor that errs on the safe side: the start from the arrival (never before the
+        server meant), the end and the answer times from the first attempt (never after)."""
         return cls(
             origin=received,
-            early_origin=early,
+            early_origin=first_sent,
             start_at=received + batch["start_in_ms"] / 1000,
-            stop_at=early + batch["stop_starting_in_ms"] / 1000,
+            stop_at=first_sent + batch["stop_starting_in_ms"] / 1000,
         )
 
     def ms(self, at: float) -> int:
