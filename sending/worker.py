@@ -23,6 +23,7 @@ report, which makes it `unknown` on the server: never re-sent automatically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -323,6 +324,8 @@ class Worker:
         self.last_batch_ms = 0
         self.summary = Summary(worker_id=worker_id, request_id=self.request_id)
         self._provider = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self._provider_config: dict | None = None
 
     # Time.
@@ -439,10 +442,22 @@ class Worker:
             raise ApiError(f"final check-in answered {answer.decision!r}, expected stop")
 
     def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)
         if self._provider is not None:
             provider, self._provider = self._provider, None
             provider.close()
         self.api.close()
+
+    def _send_pool(self, concurrency: int) -> ThreadPoolExecutor:
+        if self._pool is not None and self._pool_size != concurrency:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="send")
+            self._pool_size = concurrency
+        return self._pool
 
     # Sending.
 
@@ -521,7 +536,9 @@ class Worker:
             self.sleep(max(0.0, run.window.start_at - self.clock()))
         slots = threading.BoundedSemaphore(run.concurrency)
         futures = {}
-        with ThreadPoolExecutor(run.concurrency, thread_name_prefix="send") as pool:
+        # One pool for the worker's life: the provider keeps a connection per sending thread, so
+        # new threads every batch would open (and keep) new connections every batch.
+        with contextlib.nullcontext(self._send_pool(run.concurrency)) as pool:
             for index, recipient in enumerate(recipients):
                 if not self.may_start(run):
                     break

@@ -358,6 +358,8 @@ def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
     row = WorkerRow.objects.get(pk=worker.pk)
     assert (row.state, row.stop_reason) == ("stopped", "done")
     assert row.last_seq >= summary["batches"] + 1  # one check-in per batch, plus waits
+    # Connections are reused across batches: at most one per sending thread, not per batch.
+    assert sandbox.connections_opened <= 4
 
 
 def test_a_worker_near_its_deadline_stops_between_batches_and_leaves_nothing_leased(
