@@ -495,7 +495,7 @@ def progress(*, claims: tokens.WorkerClaims, request: ProgressRequest) -> None:
     raise Conflict(f"started_through {request.started_through} is past the lease's {lease.size}")
 
 
-def reclaim_expired_leases(*, clock: Clock | None = None, customer_id: int | None = None) -> int:
+def reclaim_overdue_leases(*, clock: Clock | None = None, customer_id: int | None = None) -> int:
     """Settle leases whose worker is overdue (not back by `overdue_at`, or `expires_at` if that
     comes first): the worker is presumed lost. Recipients past its started mark go back to the
     queue and their budget to the lease's minute (usable by other workers while that minute

@@ -99,7 +99,7 @@ class TickReport:
 def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
     clock = clock or Clock.read()
     report = TickReport(customer_id=customer_id)
-    report.reclaimed = checkin.reclaim_expired_leases(clock=clock, customer_id=customer_id)
+    report.reclaimed = checkin.reclaim_overdue_leases(clock=clock, customer_id=customer_id)
     report.lost = mark_lost_workers(customer_id=customer_id, clock=clock)
     report.completed = complete_finished_messages(customer_id=customer_id, clock=clock)
     cancel_leftovers(customer_id=customer_id)

@@ -259,8 +259,8 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
     )
     lease = Lease.objects.get(pk=lease_id)
     overdue = checkin.datetime_to_ms(lease.overdue_at)
-    assert checkin.reclaim_expired_leases(clock=Clock(overdue - 1)) == 0
-    assert checkin.reclaim_expired_leases(clock=Clock(overdue)) == 1
+    assert checkin.reclaim_overdue_leases(clock=Clock(overdue - 1)) == 0
+    assert checkin.reclaim_overdue_leases(clock=Clock(overdue)) == 1
     statuses = dict(Recipient.objects.filter(id__in=ids).values_list("id", "status"))
     assert {statuses[i] for i in ids[:20]} == {"unknown"}
     assert {statuses[i] for i in ids[20:]} == {"queued"}
@@ -292,7 +292,7 @@ def test_unknown_recipients_are_not_offered_again(customer):
     answer = call(worker, token, 1)
     lease = Lease.objects.get(pk=answer["batch"]["lease_id"])
     Lease.objects.filter(pk=lease.pk).update(started_through=50)
-    checkin.reclaim_expired_leases(clock=Clock(checkin.datetime_to_ms(lease.overdue_at)))
+    checkin.reclaim_overdue_leases(clock=Clock(checkin.datetime_to_ms(lease.overdue_at)))
     worker2, token2 = checkin.worker_start(customer_id=customer.pk)
     later = checkin.datetime_to_ms(lease.overdue_at) + 1000
     assert call(worker2, token2, 1, at=later)["decision"] == "stop"

@@ -488,7 +488,7 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
         assert {s.idempotency_key for s in sandbox.sends} <= {str(i) for i in ids[:mark]}
 
         at_expiry = Clock(checkin.datetime_to_ms(lease.expires_at))
-        assert checkin.reclaim_expired_leases(clock=at_expiry) == 1
+        assert checkin.reclaim_overdue_leases(clock=at_expiry) == 1
         after = statuses(message)
         assert {after[i] for i in ids[:mark]} == {"unknown"}
         assert {after[i] for i in ids[mark:]} == {"queued"}
