@@ -526,6 +526,11 @@ class Worker:
     def _send_all(self, batch, recipients, provider, compiled, run: _BatchRun) -> list:
         outcomes: list[dict | None] = [{"id": r["id"], "status": "not_started"} for r in recipients]
         started_through = 0
+        if run.window.stop_at <= max(self.clock(), run.window.start_at):
+            # The answer came too late to use (its window closed by the server's clock): give it
+            # all back without announcing anything.
+            run.halt = "window closed"
+            return outcomes
         if run.window.start_at > self.clock():
             # Announce the first chunk while waiting for the window to open, so that sending
             # starts right when it does.
