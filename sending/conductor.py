@@ -7,7 +7,7 @@ ConductorLease with one conditional UPDATE. A chain that dies stops renewing; on
 expires (CONDUCTOR_LEASE_S) the watchdog starts a new chain, which takes the lease over.
 
 Each tick, in small steps that tests call one at a time:
-1. reclaim the customer's expired leases (recipients past the started mark back to the queue,
+1. reclaim the customer's overdue leases (recipients past the started mark back to the queue,
    the rest unknown) and mark workers that stopped checking in as lost;
 2. complete messages with nothing queued or leased;
 3. start workers while work fits this minute and fewer than needed run (pacing.workers_needed,
