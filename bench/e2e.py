@@ -94,6 +94,8 @@ from pathlib import Path
 
 from celery import Celery
 
+from bench.support import delete_customers
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 # --- settings ---------------------------------------------------------------------------------
@@ -486,37 +488,7 @@ def _create_run(
 
 def _cleanup(prefix: str = SLUG_PREFIX) -> None:
     """Delete the bench's rows: one run's (its slug prefix), or every bench run's (stale)."""
-    from django.db import connection, transaction
-
-    from customers.models import Customer as CustomerModel
-    from customers.models import ProviderAccount, SendLimit
-    from sending.models import ConductorLease, CustomerMinute, Lease, Message, Worker
-
-    customers = CustomerModel.objects.filter(slug__startswith=prefix)
-    ids = list(customers.values_list("pk", flat=True))
-    if not ids:
-        return
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "DELETE FROM sending_recipient WHERE message_id IN "
-                "(SELECT id FROM sending_message WHERE customer_id = ANY(%s))",
-                [ids],
-            )
-        Lease.objects.filter(customer_id__in=ids).delete()
-        Worker.objects.filter(customer_id__in=ids).delete()
-        CustomerMinute.objects.filter(customer_id__in=ids).delete()
-        ConductorLease.objects.filter(customer_id__in=ids).delete()
-        Message.objects.filter(customer_id__in=ids).delete()
-        SendLimit.history.filter(customer_id__in=ids).delete()
-        SendLimit.objects.filter(customer_id__in=ids).delete()
-        accounts = set(
-            CustomerModel.objects.filter(pk__in=ids).values_list("provider_account_id", flat=True)
-        )
-        CustomerModel.objects.filter(pk__in=ids).delete()
-        ProviderAccount.objects.filter(
-            pk__in=[a for a in accounts if a], name__startswith=SLUG_PREFIX
-        ).delete()
+    delete_customers(slug_prefix=prefix, account_prefix=SLUG_PREFIX)
 
 
 def _status_counts(message_ids: list[int]) -> dict[int, dict[str, int]]:

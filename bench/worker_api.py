@@ -60,6 +60,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from bench.support import delete_customers
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 # --- workload -------------------------------------------------------------------------------
@@ -202,37 +204,7 @@ def _vacuum() -> None:
 
 def _cleanup(customer_ids: list[int] | None = None) -> None:
     """Delete the bench's rows: these customers', or every bench customer's (stale runs)."""
-    from django.db import connection, transaction
-
-    from customers.models import Customer, ProviderAccount, SendLimit
-    from sending.models import CustomerMinute, Lease, Message, Worker
-
-    customers = Customer.objects.filter(slug__startswith=SLUG_PREFIX)
-    if customer_ids is not None:
-        customers = customers.filter(pk__in=customer_ids)
-    ids = list(customers.values_list("pk", flat=True))
-    if not ids:
-        return
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "DELETE FROM sending_recipient WHERE message_id IN "
-                "(SELECT id FROM sending_message WHERE customer_id = ANY(%s))",
-                [ids],
-            )
-        Lease.objects.filter(customer_id__in=ids).delete()
-        Worker.objects.filter(customer_id__in=ids).delete()
-        CustomerMinute.objects.filter(customer_id__in=ids).delete()
-        Message.objects.filter(customer_id__in=ids).delete()
-        SendLimit.history.filter(customer_id__in=ids).delete()
-        SendLimit.objects.filter(customer_id__in=ids).delete()
-        accounts = set(
-            Customer.objects.filter(pk__in=ids).values_list("provider_account_id", flat=True)
-        )
-        Customer.objects.filter(pk__in=ids).delete()
-        ProviderAccount.objects.filter(
-            pk__in=[a for a in accounts if a], name__startswith=SLUG_PREFIX
-        ).delete()
+    delete_customers(slug_prefix=SLUG_PREFIX, account_prefix=SLUG_PREFIX, customer_ids=customer_ids)
 
 
 # --- measurement helpers --------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""What the benchmarks share: deleting the customers (and everything under them) they made."""
+
+
+def delete_customers(*, slug_prefix: str, account_prefix: str, customer_ids=None) -> None:
+    """Delete the customers whose slug starts with `slug_prefix` (only `customer_ids` among them,
+    if given) with their recipients, messages, workers, leases, minutes and send limits, and the
+    provider accounts named with `account_prefix` that they used. Recipients go in one statement:
+    a bench makes hundreds of thousands."""
+    from django.db import connection, transaction
+
+    from customers.models import Customer, ProviderAccount, SendLimit
+    from sending.models import ConductorLease, CustomerMinute, Lease, Message, Worker
+
+    customers = Customer.objects.filter(slug__startswith=slug_prefix)
+    if customer_ids is not None:
+        customers = customers.filter(pk__in=customer_ids)
+    ids = list(customers.values_list("pk", flat=True))
+    if not ids:
+        return
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "DELETE FROM sending_recipient WHERE message_id IN "
+                "(SELECT id FROM sending_message WHERE customer_id = ANY(%s))",
+                [ids],
+            )
+        for model in (Lease, Worker, CustomerMinute, ConductorLease, Message):
+            model.objects.filter(customer_id__in=ids).delete()
+        SendLimit.history.filter(customer_id__in=ids).delete()
+        SendLimit.objects.filter(customer_id__in=ids).delete()
+        accounts = set(
+            Customer.objects.filter(pk__in=ids).values_list("provider_account_id", flat=True)
+        )
+        Customer.objects.filter(pk__in=ids).delete()
+        ProviderAccount.objects.filter(
+            pk__in=[a for a in accounts if a], name__startswith=account_prefix
+        ).delete()
