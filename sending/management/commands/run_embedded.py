@@ -10,6 +10,7 @@ One process is the point: the in-memory broker and channel layer reach every par
 conductor's live samples reach the websocket consumers without Redis.
 """
 
+import os
 import threading
 
 import uvicorn
@@ -36,6 +37,9 @@ class Command(BaseCommand):
                 "run_embedded is for the no-services mode: unset REDIS_URL, or run the web, "
                 "Celery worker and beat processes separately."
             )
+        if "WORKER_API_URL" not in os.environ:
+            # Local workers call back into this very process, on whatever port it was given.
+            settings.WORKER_API_URL = f"http://{host}:{port}/api/worker/v1/"
         sandbox = self._start_sandbox(sandbox_port)
         worker = WorkController(
             app=celery_app,
