@@ -11,7 +11,7 @@ from sending import checkin, tokens
 from sending.checkin import Clock
 from sending.models import CustomerMinute, Recipient
 from sending.protocol import parse_checkin
-from tests.sending.test_checkin import T0, make_customer, make_message, report_all_sent
+from tests.sending.support import T0, make_customer, make_message, report_all_sent
 
 THREADS = 8
 

@@ -13,7 +13,7 @@ from django.db import connection
 from hypothesis import HealthCheck, settings
 
 from sending import checkin
-from tests.sending.test_checkin import make_customer, make_message
+from tests.sending.support import make_customer, make_message
 
 SPEC = Path(__file__).resolve().parents[2] / "sending" / "openapi.yaml"
 schema = schemathesis.openapi.from_path(SPEC)
