@@ -94,7 +94,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from bench.support import delete_customers
+from bench.support import delete_customers, ensure_database
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -255,28 +255,6 @@ def _configure_environment() -> dict:
     )
     baseline_app.conf.broker_url = os.environ["REDIS_URL"]
     return {"database_url": url, "redis_url": os.environ["REDIS_URL"]}
-
-
-def _ensure_database() -> None:
-    import psycopg
-    from django.conf import settings
-
-    db = settings.DATABASES["default"]
-    params = {
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-    }
-    try:
-        psycopg.connect(**params, dbname=db["NAME"]).close()
-        return
-    except psycopg.OperationalError as exc:
-        if "does not exist" not in str(exc):
-            raise
-    with psycopg.connect(**params, dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
-    print(f"created database {db['NAME']}", flush=True)
 
 
 def _flush_redis() -> None:
@@ -951,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     # This process only starts messages and reads results: keep its own INFO lines out.
     logging.getLogger("sending").setLevel(logging.WARNING)
 
-    _ensure_database()
+    ensure_database()
     call_command("migrate", verbosity=0, interactive=False)
     _cleanup()  # rows left by an interrupted earlier run
     _flush_redis()

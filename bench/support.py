@@ -1,4 +1,4 @@
-"""What the benchmarks share: deleting the customers (and everything under them) they made."""
+"""What the benchmarks share: their database, and deleting the customers they made."""
 
 
 def delete_customers(*, slug_prefix: str, account_prefix: str, customer_ids=None) -> None:
@@ -35,3 +35,26 @@ def delete_customers(*, slug_prefix: str, account_prefix: str, customer_ids=None
         ProviderAccount.objects.filter(
             pk__in=[a for a in accounts if a], name__startswith=account_prefix
         ).delete()
+
+
+def ensure_database() -> None:
+    """Create the PostgreSQL database DATABASE_URL names, if it does not exist yet."""
+    import psycopg
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    params = {
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+    }
+    try:
+        psycopg.connect(**params, dbname=db["NAME"]).close()
+        return
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    with psycopg.connect(**params, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
+    print(f"created database {db['NAME']}", flush=True)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from bench.support import delete_customers
+from bench.support import delete_customers, ensure_database
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -107,29 +107,6 @@ def _configure_environment() -> str:
     os.environ["SECURE_SSL_REDIRECT"] = "false"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emailops.settings")
     return url
-
-
-def _ensure_database() -> None:
-    import psycopg
-    from django.conf import settings
-
-    db = settings.DATABASES["default"]
-    params = {
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-        "dbname": db["NAME"],
-    }
-    try:
-        psycopg.connect(**params).close()
-        return
-    except psycopg.OperationalError as exc:
-        if "does not exist" not in str(exc):
-            raise
-    with psycopg.connect(**{**params, "dbname": "postgres"}, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
-    print(f"created database {db['NAME']}")
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -625,7 +602,7 @@ def main() -> int:
     from django.db import connection
 
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    _ensure_database()
+    ensure_database()
     call_command("migrate", verbosity=0, interactive=False)
     _cleanup()  # rows left by an interrupted earlier run
     _vacuum()
