@@ -410,6 +410,8 @@ def _grant(
             "stop_starting_in_ms": grant.stop_starting_in_ms,
             "minute_ends_in_ms": grant.minute_ends_in_ms,
             "concurrency": limits.concurrency,
+            # The most recipients one progress report may declare (pacing.chunk_limit).
+            "chunk_limit": pacing.chunk_limit(limits.per_minute),
             # The per-send timeout the pacing assumes (no send arrives later than this).
             "send_timeout_ms": limits.spill_hold_ms,
             "provider": _provider_payload(messages[0].customer),

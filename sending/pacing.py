@@ -177,6 +177,8 @@ STOP_SLACK_MS: Final = 1_000
 OVERDUE_SLACK_MS: Final = 1_500
 # A worker declares about this much of sending per progress report (A6; see progress_chunk).
 CHUNK_MS: Final = 1_000
+# ... and never more than this share of the per-minute cap (see chunk_limit).
+CHUNK_CAP_SHARE: Final = 0.004
 # EWMA weight of the newest sample in next_rate.
 RATE_ALPHA: Final = 0.3
 START_HEADROOM: Final = 1.5
@@ -484,6 +486,17 @@ def progress_chunk(*, rate_per_s: float | None, concurrency: int) -> int:
     if rate_per_s is None or rate_per_s <= 0:
         rate_per_s = concurrency * 1000 / ASSUMED_SEND_MS
     return max(concurrency, math.floor(rate_per_s * CHUNK_MS / 1000))
+
+
+def chunk_limit(per_minute: int) -> int:
+    """The most recipients a worker may declare in one progress report, whatever its rate.
+
+    A worker that dies between a report and the starts of its chunk leaves the unstarted rest of
+    that chunk charged to its minute (A6). The worker's mark can run up to about two chunks
+    ahead of its starts, so a chunk of at most ``CHUNK_CAP_SHARE`` of the cap keeps what such a
+    crash costs a minute under 1% of its cap, wherever one send is less than that.
+    """
+    return max(1, math.floor(per_minute * CHUNK_CAP_SHARE))
 
 
 def open_spill(leases: Iterable[Lease]) -> int:
