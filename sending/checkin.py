@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Avg, Count, F, Q, Sum
+from django.db import connection, transaction
+from django.db.models import F, Q
 from django.db.models.functions import Greatest
 
 from customers.models import SendLimit
@@ -305,17 +305,9 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
     minute_start = ms_to_datetime(minute_ms)
     row = _minute(customer_id, minute_start, cap=limits.per_minute)
     previous = minute_start - timedelta(milliseconds=limits.window_ms)
-    # Equal to pacing.open_spill() over the previous minute's open leases, summed in SQL.
-    open_spill = (
-        Lease.objects.filter(
-            customer_id=customer_id, state=Lease.State.OPEN, minute_start=previous, may_cross=True
-        ).aggregate(n=Sum("size"))["n"]
-        or 0
-    )
-    backlog = backlog_for(customer_id=customer_id, limits=limits)
-    pool = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).aggregate(
-        running=Count("id"), rate=Avg("rate_per_s")
-    )
+    pool = _pool(customer_id=customer_id, previous_minute=previous)
+    messages = sending_messages(customer_id)
+    backlog = backlog_for(customer_id=customer_id, limits=limits, messages=messages)
     decision = pacing.decide(
         now_ms=clock.now_ms,
         limits=limits,
@@ -326,54 +318,109 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
             carried_in=row.carried_in,
             throttled=row.throttled,
         ),
-        open_spill=open_spill,
+        open_spill=pool.open_spill,
         backlog=backlog,
         # A throttled worker backs off for the rest of the minute it was throttled in.
         # A worker with no measured rate yet is taken to be as fast as its peers, the estimate the
         # conductor starts workers by: otherwise a new worker, assumed faster, could be retired as
         # surplus by the same numbers that made the conductor start it.
         worker=pacing.WorkerView(
-            rate_per_s=worker.rate_per_s or pool["rate"],
+            rate_per_s=worker.rate_per_s or pool.rate_per_s,
             throttled=worker.throttled_minute == minute_start,
         ),
-        running_workers=pool["running"],
+        running_workers=pool.running,
     )
     if isinstance(decision, pacing.Stop):
         return {"decision": "stop", "reason": decision.reason}
     if isinstance(decision, pacing.Wait):
         return {"decision": "wait", "wait_ms": decision.ms}
-    return _grant(worker=worker, grant=decision, row=row, limits=limits, clock=clock)
+    return _grant(
+        worker=worker, grant=decision, row=row, limits=limits, clock=clock, messages=messages
+    )
 
 
-def backlog_for(*, customer_id: int, limits: pacing.Limits) -> int:
-    """Queued recipients of the customer's sending messages, for pacing decisions.
-
-    Counted exactly up to a pool's worth of batches (cheap: the partial claim index); past that
-    it is reported as at least a minute's cap. Pacing needs the backlog exactly only when it is
-    small (the last batches, `Stop(done)`); above, it needs to know it is at least what a minute
-    can send. An estimate on the high side there keeps a worker a little longer near the end, never
-    one too few. Counting a million queued rows on every check-in is what this avoids.
-    """
-    exact_up_to = limits.batch_size * (limits.max_workers + 1)
-    counted = Recipient.objects.filter(
-        message__customer_id=customer_id,
-        message__status=Message.Status.SENDING,
-        status=Recipient.Status.QUEUED,
-    )[: exact_up_to + 1].count()
-    if counted <= exact_up_to:
-        return counted
-    return max(counted, limits.per_minute + 1)
+@dataclass(frozen=True)
+class _Pool:
+    open_spill: int  # pacing.open_spill() over the previous minute's open leases
+    running: int  # live workers, the asking one included
+    rate_per_s: float | None  # their mean measured rate
 
 
-def _grant(
-    *, worker: Worker, grant: pacing.Grant, row: CustomerMinute, limits: pacing.Limits, clock: Clock
-) -> dict:
-    leased: list[queue.Claimed] = []
-    messages = list(
-        Message.objects.filter(customer_id=worker.customer_id, status=Message.Status.SENDING)
+def _pool(*, customer_id: int, previous_minute: datetime) -> _Pool:
+    """The customer's live workers and the previous minute's open spill, in one query."""
+    live = [state.value for state in Worker.LIVE_STATES]
+    sql = f"""
+        SELECT (SELECT COALESCE(SUM(l.size), 0) FROM {Lease._meta.db_table} l
+                WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
+                  AND l.may_cross = %s),
+               COUNT(*), AVG(w.rate_per_s)
+        FROM {Worker._meta.db_table} w
+        WHERE w.customer_id = %s AND w.state IN ({", ".join(["%s"] * len(live))})
+    """  # noqa: S608 - table names and placeholders only
+    params = [
+        customer_id,
+        Lease.State.OPEN.value,
+        connection.ops.adapt_datetimefield_value(previous_minute),
+        True,
+        customer_id,
+        *live,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        open_spill, running, rate = cursor.fetchone()
+    return _Pool(open_spill=int(open_spill), running=running, rate_per_s=rate)
+
+
+def sending_messages(customer_id: int) -> list[Message]:
+    """The customer's messages that are sending, oldest-started first (the order they are
+    served in), with what a grant's answer needs of the customer."""
+    return list(
+        Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
         .select_related("customer__provider_account")
         .order_by("started_at", "id")
     )
+
+
+def backlog_for(
+    *, customer_id: int, limits: pacing.Limits, messages: list[Message] | None = None
+) -> int:
+    """Queued recipients of the customer's sending messages, for pacing decisions.
+
+    Counted exactly up to a pool's worth of batches; past that it is reported as at least a
+    minute's cap. Pacing needs the backlog exactly only when it is small (the last batches,
+    `Stop(done)`); above, it needs to know it is at least what a minute can send. An estimate on
+    the high side there keeps a worker a little longer near the end, never one too few.
+
+    The count walks the claim index from each message's claim cursor: the entries behind a cursor
+    belong to recipients already taken (dead until vacuum, yet each one is visited by a count
+    from the start). Only when what lies ahead of the cursors is within the exact range are the
+    recipients returned to the queue behind them counted too.
+    """
+    if messages is None:
+        messages = sending_messages(customer_id)
+    exact_up_to = limits.batch_size * (limits.max_workers + 1)
+    for from_cursor in (True, False):
+        counted = 0
+        for message in messages:
+            queued = Recipient.objects.filter(message_id=message.pk, status=Recipient.Status.QUEUED)
+            if from_cursor:
+                queued = queued.filter(id__gt=message.claim_after)
+            counted += queued.order_by("id")[: exact_up_to + 1 - counted].count()
+            if counted > exact_up_to:
+                return max(counted, limits.per_minute + 1)
+    return counted
+
+
+def _grant(
+    *,
+    worker: Worker,
+    grant: pacing.Grant,
+    row: CustomerMinute,
+    limits: pacing.Limits,
+    clock: Clock,
+    messages: list[Message],
+) -> dict:
+    leased: list[queue.Claimed] = []
     for message in messages:
         leased += _claim_from(message, grant.size - len(leased))
         if len(leased) >= grant.size:
