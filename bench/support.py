@@ -32,9 +32,11 @@ def delete_customers(*, slug_prefix: str, account_prefix: str, customer_ids=None
             Customer.objects.filter(pk__in=ids).values_list("provider_account_id", flat=True)
         )
         Customer.objects.filter(pk__in=ids).delete()
+        # only("pk"): the credentials are never decrypted, so rows an earlier run left behind
+        # under another FIELD_ENCRYPTION_KEY are deleted too.
         ProviderAccount.objects.filter(
             pk__in=[a for a in accounts if a], name__startswith=account_prefix
-        ).delete()
+        ).only("pk").delete()
 
 
 def ensure_database() -> None:

@@ -501,11 +501,15 @@ def _raw_step_factory():
                 limit=BATCH_SIZE,
             )
             cursor.advance(result.last_id)
-            now = datetime.now(UTC)
+            now_ms = time.time_ns() // 1_000_000
             queue.record(
                 [
                     queue.Outcome(
-                        c.id, queue.SENT, provider_id=f"sim-{c.id}", attempted=True, sent_at=now
+                        c.id,
+                        queue.SENT,
+                        provider_id=f"sim-{c.id}",
+                        attempted=True,
+                        sent_at_ms=now_ms,
                     )
                     for c in result.leased
                 ],

@@ -198,11 +198,14 @@ def _check_report(lease: Lease | None, report: Report | None) -> None:
         raise Conflict(f"recipients not in lease {lease.pk}: {shown}")
 
 
-def _outcome(result, granted_at: datetime) -> queue.Outcome:
-    done_at = granted_at + timedelta(milliseconds=result.done_ms or 0)
+def _outcome(result, granted_ms: int) -> queue.Outcome:
     if result.outcome is Outcome.SENT:
         return queue.Outcome(
-            result.id, queue.SENT, provider_id=result.provider_id, attempted=True, sent_at=done_at
+            result.id,
+            queue.SENT,
+            provider_id=result.provider_id,
+            attempted=True,
+            sent_at_ms=granted_ms + (result.done_ms or 0),
         )
     if result.outcome is Outcome.UNKNOWN:
         return queue.Outcome(result.id, queue.UNKNOWN, error=result.error, attempted=True)
@@ -216,11 +219,12 @@ def _record(*, worker: Worker, lease: Lease, report: Report, clock: Clock) -> pa
     """Record a lease's results (one statement), close the lease, and return how its budget
     moves between minutes (applied by the caller under the customer's lock)."""
     by_id = {r.id: r for r in report.results}
+    granted_ms = datetime_to_ms(lease.granted_at)
     outcomes = []
     for position, recipient_id in enumerate(lease.recipient_ids):
         result = by_id.get(recipient_id)
         if result is not None:
-            outcomes.append(_outcome(result, lease.granted_at))
+            outcomes.append(_outcome(result, granted_ms))
         elif position < lease.started_through:
             # Not accounted for but possibly started: never re-sent automatically.
             outcomes.append(queue.Outcome(recipient_id, queue.UNKNOWN))

@@ -9,7 +9,6 @@ record from `json_each`.
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from django.db import connection
 from django.db.models import Case, F, Value, When
@@ -51,7 +50,7 @@ class Outcome:
     provider_id: str = ""
     error: str = ""
     attempted: bool = False
-    sent_at: datetime | None = None
+    sent_at_ms: int | None = None  # when the provider answered, epoch milliseconds
 
 
 def _is_postgres() -> bool:
@@ -132,14 +131,20 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
     # The outcomes travel as one JSON text, not one array per column: psycopg quotes array
     # elements one by one in Python, which cost more than the statement itself.
     if _is_postgres():
-        rows_sql = """jsonb_to_recordset(%s::jsonb) AS u(
-                id bigint, status text, provider_id text, error text, attempted int,
-                sent_at timestamptz)"""
+        rows_sql = """(
+                SELECT id, status, provider_id, error, attempted,
+                       to_timestamp(sent_at_ms / 1000.0) AS sent_at
+                FROM jsonb_to_recordset(%s::jsonb) AS j(
+                    id bigint, status text, provider_id text, error text, attempted int,
+                    sent_at_ms bigint)
+            ) AS u"""
     else:
         rows_sql = """(
                 SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
                        value ->> '$.provider_id' AS provider_id, value ->> '$.error' AS error,
-                       value ->> '$.attempted' AS attempted, value ->> '$.sent_at' AS sent_at
+                       value ->> '$.attempted' AS attempted,
+                       strftime('%%Y-%%m-%%d %%H:%%M:%%f', value ->> '$.sent_at_ms' / 1000.0,
+                                'unixepoch') AS sent_at
                 FROM json_each(%s)
             ) AS u"""
     sql = f"""
@@ -147,7 +152,6 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
         FROM {rows_sql}
         WHERE r.id = u.id
     """  # noqa: S608 - constant SQL fragments only
-    as_text = _pg_datetime if _is_postgres() else _sqlite_datetime
     rows = [
         {
             "id": o.id,
@@ -155,7 +159,7 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
             "provider_id": o.provider_id,
             "error": o.error,
             "attempted": int(o.attempted),
-            "sent_at": as_text(o.sent_at),
+            "sent_at_ms": o.sent_at_ms,
         }
         for o in outcomes
     ]
@@ -163,17 +167,6 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
-
-
-def _pg_datetime(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _sqlite_datetime(value: datetime | None) -> str | None:
-    # Django stores aware datetimes in SQLite as naive UTC text "YYYY-MM-DD HH:MM:SS.ffffff".
-    if value is None:
-        return None
-    return connection.ops.adapt_datetimefield_value(value)
 
 
 def release(ids: Sequence[int], *, status: str) -> int:

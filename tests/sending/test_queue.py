@@ -52,9 +52,10 @@ def test_claim_marks_suppressed_addresses_and_does_not_lease_them(message):
 def test_record_writes_every_outcome_in_one_statement(message, django_assert_num_queries):
     ids = _recipients(message, 6)
     queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=6)
-    when = datetime(2026, 11, 26, 12, 0, 1, tzinfo=UTC)
+    when = datetime(2026, 11, 26, 12, 0, 1, 234_000, tzinfo=UTC)
+    when_ms = round(when.timestamp() * 1000)
     outcomes = [
-        queue.Outcome(ids[0], queue.SENT, provider_id="p-0", attempted=True, sent_at=when),
+        queue.Outcome(ids[0], queue.SENT, provider_id="p-0", attempted=True, sent_at_ms=when_ms),
         queue.Outcome(ids[1], queue.FAILED, error="550 no such user", attempted=True),
         queue.Outcome(ids[2], queue.RETRY, error="451 try later", attempted=True),
         queue.Outcome(ids[3], queue.QUEUED, error="429 throttled"),
