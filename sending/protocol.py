@@ -85,7 +85,8 @@ def _result(raw: Any, index: int, problems: list[str]) -> Result | None:
         # The common case, checked in one expression (a report has up to 1,000 results); anything
         # else falls through to the checks below, which name every problem.
         recipient_id = raw.get("id")
-        outcome = _OUTCOMES.get(raw.get("status"))  # type: ignore[arg-type]
+        status = raw.get("status")
+        outcome = _OUTCOMES.get(status) if type(status) is str else None
         provider_id = raw.get("provider_id", "")
         error = raw.get("error", "")
         permanent = raw.get("permanent", False)
