@@ -5,9 +5,9 @@ and run the service in a worker thread of their own (not Django's single thread 
 so concurrent check-ins really run concurrently, each on its own database connection.
 """
 
-import json
 from pathlib import Path
 
+import orjson
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -45,8 +45,8 @@ def _body(request: HttpRequest):
     if len(request.body) > MAX_BODY_BYTES:
         raise protocol.BadRequest([f"body is larger than {MAX_BODY_BYTES} bytes"])
     try:
-        return json.loads(request.body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
         raise protocol.BadRequest([f"body is not valid JSON: {exc}"]) from exc
 
 
@@ -77,7 +77,9 @@ async def _handle(request: HttpRequest, parse, call) -> HttpResponse:
         return _error(409, f"Conflict: {exc}")
     if result is None:
         return HttpResponse(status=204)
-    return JsonResponse(result)
+    # orjson: a batch's answer carries hundreds of recipients, and the standard encoder took
+    # several times as long.
+    return HttpResponse(orjson.dumps(result), content_type="application/json")
 
 
 @csrf_exempt

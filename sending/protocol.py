@@ -10,6 +10,7 @@ from typing import Any
 
 MAX_RESULTS = 1000  # a batch is at most 1,000 recipients (SendLimit.batch_size)
 MAX_ERROR_CHARS = 2000
+MAX_INT = 2**63 - 1  # ids and counts are 64-bit in the database
 
 
 class BadRequest(Exception):
@@ -61,11 +62,17 @@ class ProgressRequest:
 
 def _int(obj: dict, key: str, problems: list[str], *, where: str, minimum: int = 0) -> int:
     value = obj.get(key)
+    if isinstance(value, float) and abs(value) > MAX_INT:
+        # The JSON parser reads integers past 64 bits as floats.
+        problems.append(f"{where}{key}: must be a 64-bit integer")
+        return 0
     if isinstance(value, bool) or not isinstance(value, int):
         problems.append(f"{where}{key}: required, an integer")
         return 0
     if value < minimum:
         problems.append(f"{where}{key}: must be ≥ {minimum}")
+    elif value > MAX_INT:
+        problems.append(f"{where}{key}: must be ≤ {MAX_INT} (a 64-bit integer)")
     return value
 
 
@@ -93,13 +100,13 @@ def _result(raw: Any, index: int, problems: list[str]) -> Result | None:
         done_ms = raw.get("done_ms")
         if (
             type(recipient_id) is int
-            and recipient_id >= 1
+            and 1 <= recipient_id <= MAX_INT
             and outcome is not None
             and type(provider_id) is str
             and len(provider_id) <= 255
             and type(error) is str
             and type(permanent) is bool
-            and (done_ms is None or (type(done_ms) is int and done_ms >= 0))
+            and (done_ms is None or (type(done_ms) is int and 0 <= done_ms <= MAX_INT))
             and (provider_id or outcome is not Outcome.SENT)
             and (done_ms is not None or outcome not in _NEED_DONE_MS)
         ):
@@ -133,9 +140,9 @@ def _result_checked(raw: Any, index: int, problems: list[str]) -> Result | None:
     if not isinstance(permanent, bool):
         problems.append(f"{where}permanent: true or false")
     if done_ms is not None and (
-        isinstance(done_ms, bool) or not isinstance(done_ms, int) or done_ms < 0
+        isinstance(done_ms, bool) or not isinstance(done_ms, int) or not 0 <= done_ms <= MAX_INT
     ):
-        problems.append(f"{where}done_ms: a non-negative integer")
+        problems.append(f"{where}done_ms: a non-negative 64-bit integer")
     if outcome is Outcome.SENT and not provider_id:
         problems.append(f"{where}provider_id: required when status is sent")
     if outcome in (Outcome.SENT, Outcome.FAILED) and done_ms is None:

@@ -340,6 +340,15 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
         post("checkin", {"worker_id": worker.pk, "seq": 1}, token, "text/plain").status_code == 400
     )
     assert Client().get("/api/worker/v1/checkin").status_code == 405
+    # Past 64 bits: what the database cannot hold is refused before it gets there.
+    progress = {"worker_id": worker.pk, "lease_id": 1, "started_through": 2**63}
+    response = post("progress", progress, token)
+    assert response.status_code == 400
+    assert response.json()["problems"] == [
+        "started_through: must be ≤ 9223372036854775807 (a 64-bit integer)"
+    ]
+    response = post("checkin", '{"worker_id": 351267468138081494761472, "seq": 1}', token)
+    assert response.json()["problems"] == ["worker_id: must be a 64-bit integer"]
     assert not Lease.objects.exists()
 
 

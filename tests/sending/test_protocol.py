@@ -10,6 +10,7 @@ values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-3, max_value=3),
+    st.sampled_from([2**63 - 1, 2**63, 2**64]),
     st.floats(allow_nan=False, min_value=-1, max_value=2),
     st.sampled_from(["", "sent", "failed", "throttled", "not_started", "unknown", "x" * 256]),
     st.text(max_size=5),
