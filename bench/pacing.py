@@ -23,9 +23,13 @@ Figures
   cap < 0.99; ``below_0_99`` lists them by cell with the largest progress chunk (``chunk``), 1%
   of the cap, the largest shortfall of a minute (``worst_short``) and the most in-doubt sends a
   crashed worker had declared but not started (``max_in_doubt_unsent``). A crash between a
-  progress report and the starts of its chunk leaves up to about a chunk charged but never sent
-  (``sending.pacing``, A6): when a chunk is more than 1% of the cap, such a minute cannot reach
-  0.99.
+  progress report and the starts it announced leaves what the mark ran ahead of the starts
+  charged but never sent (``sending.pacing``, A6): at most about two chunks, ``2 * chunk - 1``
+  sends, and a chunk is at most ``pacing.chunk_limit`` (0.4% of the cap), so that stays under 1%
+  of the cap wherever one send does (caps above 100/min). At 60/min a chunk is one send, 1.7% of
+  the cap: a minute with such a crash cannot reach 0.99. (A crash's refund can also go unused if
+  it comes back after the minute's budget was all granted and every live worker is waiting for
+  the next minute; that adds to the crash's minute, see ``sending.pacing``.)
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ Public API
   worker sends back), ``settle(*, lease, report)``, ``settle_abandoned(*, lease,
   started_through)`` and ``settle_expired(*, lease, started_through=None)`` return a
   ``Settlement``.
-- ``progress_chunk(*, rate_per_s, concurrency)``: how many recipients a worker declares per
-  progress report (the worker side of A6).
+- ``progress_chunk(*, rate_per_s, concurrency, per_minute=None)``: how many recipients a worker
+  declares per progress report (the worker side of A6), never more than ``chunk_limit(per_minute)``
+  (the most a grant lets one report declare).
 - ``charge(ledger, grant)`` and ``apply_settlement(*, lease_ledger, next_ledger, settlement)``
   show exactly how the DB rows change (the API does the same with ``UPDATE ... SET x = x + n``).
 - ``next_rate(old_rate, sent, elapsed_ms)``: EWMA of a worker's send rate.
@@ -72,17 +73,21 @@ A4. A send the provider throttled (429) does not count toward the provider's cap
     reported ``not_started`` was never handed to the provider.
 A5. The caller serialises decide/charge/settle per customer (one DB transaction holding the
     customer's minute rows locked) and charges a grant to the ledger it was decided on.
-A6. Progress watermark. Before each chunk of sending (``progress_chunk``: about a second of it,
-    at least ``concurrency`` sends) the worker reports ``started_through`` = how many of the
-    lease's recipients, in lease order, it may have started once that chunk is under way, and it
-    starts NO send past that mark before the report is acknowledged. The caller records the mark
-    (monotone) only while the lease is open, atomically with respect to settling it (the UPDATE
-    is conditional on the lease being open, and the settlement reads the mark in the same
-    transaction that closes the lease). A progress report for a settled lease is refused (409)
-    and the worker then starts nothing more of that lease (it stops). A report whose answer was
-    lost is not acknowledged: the worker may retry it (recording is monotone, so a retry is
-    harmless) but starts nothing past the previous mark until an answer comes. The first report
-    may be sent as soon as the grant is received, before the start window opens.
+A6. Progress watermark. Before each chunk of sending (``progress_chunk``: about a second of it, at
+    least ``concurrency`` sends, but never more than the grant's ``chunk_limit`` of the cap, which
+    wins) the worker reports ``started_through`` = how many of the lease's recipients, in lease
+    order, it may have started once that chunk is under way, and it starts NO send past that mark
+    before the report is acknowledged. It has one report outstanding at a time and sends the next
+    one no earlier than when the chunk before it starts, so the mark runs at most about two chunks
+    ahead of its starts. (Neither bound is needed for safety, only for what a crash costs; see
+    below.) The caller records the mark (monotone) only while the lease is open, atomically with
+    respect to settling it (the UPDATE is conditional on the lease being open, and the settlement
+    reads the mark in the same transaction that closes the lease). A progress report for a settled
+    lease is refused (409) and the worker then starts nothing more of that lease (it stops). A
+    report whose answer was lost is not acknowledged: the worker may retry it (recording is
+    monotone, so a retry is harmless) but starts nothing past the previous mark until an answer
+    comes. The first report may be sent as soon as the grant is received, before the start window
+    opens.
 
 1. Nothing granted in minute M reaches minute M-1 at the provider: the worker starts no send
    before ``now + d + start_in_ms >= minute_start + guard`` (server time), so arrival on the
@@ -128,14 +133,21 @@ A6. Progress watermark. Before each chunk of sending (``progress_chunk``: about 
 Hence no minute goes over the cap in force at its last grant. Lowering the cap affects the next
 decision (a negative budget means Wait); sends already granted are not recalled.
 
-What a lost worker costs: only its in-doubt recipients that it never actually started (at most
-about one chunk plus ``concurrency``: the mark runs ahead of the starts by up to that much);
-those it did start really are sent and count at the provider. The refund arrives
-``overdue_in_ms`` after the grant, usually while the minute is still current. A worker that dies
-before its first progress report costs nothing but its slot. When a batch is a single chunk
-(small caps: ``batch_size <= progress_chunk``), a crash after the report and before the starts
-loses up to the whole batch for that minute; so a minute with such a crash can only stay within
-1% of the cap when a chunk (at least ``concurrency``) is below 1% of the cap.
+What a lost worker costs: only its in-doubt recipients that it never actually started; those it
+did start really are sent and count at the provider. The mark runs at most about two chunks ahead
+of the starts (the rest of the chunk under way and the next one, at most ``2 * chunk_limit - 1``
+sends), and a chunk is at most ``chunk_limit(per_minute)``, 0.4% of the cap (one send below
+500/min), so a crash costs its minute less than 1% of the cap wherever one send is less than that
+(caps above 100/min), and under 0.8% from 500/min. Below 100/min one lost send is already more
+than 1% of the cap (1.7% at 60/min): a crash that lands between a report and the start it
+announced still takes its minute below 0.99 of the cap, and nothing on the worker's side can
+prevent it (a send must be declared before it starts). A worker that dies before its first
+progress report costs nothing but its slot. The refund of the recipients past the mark arrives
+``overdue_in_ms`` after the grant, usually while the minute is still current; but if by then the
+minute's budget was all granted, every live worker was told to wait for the next minute, and the
+workers left are enough by ``workers_needed`` (so no replacement starts), no one checks in to use
+it and the refund is lost to that minute too (``decide`` does not know when open leases of the
+current minute fall due, so its Wait runs to the minute's end).
 
 Throttling
 ----------
@@ -477,15 +489,24 @@ def settle_expired(*, lease: Lease, started_through: int | None = None) -> Settl
     )
 
 
-def progress_chunk(*, rate_per_s: float | None, concurrency: int) -> int:
+def progress_chunk(
+    *, rate_per_s: float | None, concurrency: int, per_minute: int | None = None
+) -> int:
     """How many more recipients a worker declares in each progress report (A6).
 
     About ``CHUNK_MS`` of sending at its measured rate (the assumed rate while it has none), and at
-    least ``concurrency`` so every slot has work while the next report is acknowledged.
+    least ``concurrency`` so every slot has work while the next report is acknowledged; but never
+    more than ``chunk_limit(per_minute)`` when the cap is given: what a crash between a report
+    and its starts can cost a minute matters more than keeping every slot busy, so the cap's
+    bound wins over the ``concurrency`` floor (at small caps a worker then reports every send or
+    two). ``per_minute=None``: no cap bound (for callers that do not know the cap).
     """
     if rate_per_s is None or rate_per_s <= 0:
         rate_per_s = concurrency * 1000 / ASSUMED_SEND_MS
-    return max(concurrency, math.floor(rate_per_s * CHUNK_MS / 1000))
+    chunk = max(concurrency, math.floor(rate_per_s * CHUNK_MS / 1000))
+    if per_minute is not None:
+        chunk = min(chunk, chunk_limit(per_minute))
+    return chunk
 
 
 def chunk_limit(per_minute: int) -> int:

@@ -24,14 +24,17 @@ Model
   +-``worker_clock_skew_ms`` (modelled: it converts to its own clock and back, and cancels out,
   which is the point). It reports per-send done times relative to receipt, and its busy time.
 - Progress (A6 of ``sending.pacing``): the batch is cut into chunks of
-  ``pacing.progress_chunk`` recipients (about a second at the worker's measured rate, at least
-  ``concurrency``). Before a chunk the worker sends a progress report declaring
+  ``pacing.progress_chunk`` recipients, given the cap (about a second at the worker's measured
+  rate, at least ``concurrency``, but never more than ``pacing.chunk_limit`` of the cap, which
+  wins). Before a chunk the worker sends a progress report declaring
   ``started_through`` = the end of that chunk, and starts none of the chunk's sends before the
   acknowledgment is back (one-way latency each way, drawn like a check-in's). The first report
   is sent one check-in round trip before the window opens (at once if it is already open); the
-  report for chunk k+1 is sent when the last ``concurrency`` sends of chunk k begin, so a busy
-  worker seldom waits for it. The server's mark is the largest one that has ARRIVED; a report
-  arriving after the lease was settled is refused and the worker starts nothing more.
+  report for chunk k+1 is sent when the last ``concurrency`` sends of chunk k begin (when its
+  first send begins if a chunk is smaller than ``concurrency``), so a busy worker seldom waits
+  for it, one report is outstanding at a time, and the mark runs at most two chunks ahead of
+  the starts. The server's mark is the largest one that has ARRIVED; a report arriving after
+  the lease was settled is refused and the worker starts nothing more.
 - Cold start: uniform in ``cold_start_ms`` before a new worker's first check-in. A worker exits
   at its first check-in after ``lifetime_minutes`` (the Lambda deadline) and the conductor starts
   a replacement at once (after a cold start).
@@ -356,7 +359,11 @@ class _Run:
         latency = self.rng.lognormal(self.log_mu, self.cfg.latency_sigma, n)
         np.minimum(latency, self.cfg.spill_hold_ms, out=latency)
         if self.cfg.progress:
-            chunk = pacing.progress_chunk(rate_per_s=worker.rate, concurrency=self.cfg.concurrency)
+            chunk = pacing.progress_chunk(
+                rate_per_s=worker.rate,
+                concurrency=self.cfg.concurrency,
+                per_minute=self.limits.per_minute,
+            )
             chunks = -(-n // chunk)
             self.stats["max_chunk"] = max(self.stats["max_chunk"], min(chunk, n))
             low, high = self.cfg.response_latency_ms
@@ -495,16 +502,19 @@ def _chunked_starts(
     progress reports (A6), and the reports as ``(sent_at, started_through)``.
 
     Chunk j is recipients ``[j * chunk, (j + 1) * chunk)``; its report is sent at
-    ``first_report`` (j = 0) or when send ``j * chunk - slots`` starts, arrives ``up[j]`` later
-    and is acknowledged ``down[j]`` after that; none of the chunk's sends starts before the
-    acknowledgment. A report arriving at or after ``refused_from`` (the lease was settled by
-    then) is refused and the worker starts nothing more. Stops at the first send that would start
-    after ``stop`` (starts never decrease). Requires ``chunk >= slots``.
+    ``first_report`` (j = 0) or when send ``j * chunk - min(slots, chunk)`` starts (the last
+    ``slots`` sends of chunk j - 1, or its first send when a chunk is smaller than ``slots``, so
+    only one report is outstanding at a time and the mark runs at most two chunks ahead of the
+    starts), arrives ``up[j]`` later and is acknowledged ``down[j]`` after that; none of the
+    chunk's sends starts before the acknowledgment. A report arriving at or after
+    ``refused_from`` (the lease was settled by then) is refused and the worker starts nothing
+    more. Stops at the first send that would start after ``stop`` (starts never decrease).
     """
     n = len(latency)
     free = [first] * min(slots, n)
     starts: list[float] = []
     reports: list[tuple[float, int]] = []
+    lead = min(slots, chunk)
 
     def report(j: int, at: float) -> float:
         arrives = at + up[j]
@@ -523,7 +533,7 @@ def _chunked_starts(
             break
         starts.append(start)
         heapq.heapreplace(free, start + took)
-        ahead = i + slots
+        ahead = i + lead
         if ahead % chunk == 0 and ahead < n:
             next_ack = report(ahead // chunk, start)
     return starts, reports

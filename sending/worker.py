@@ -14,10 +14,11 @@ seconds earlier, so the window's END and every `done_ms` are then measured from 
 attempt was sent: later than the server meant is never allowed for a stop, and a `done_ms` that
 is too large only charges a send to the next minute, never the other way.
 
-Crash safety. Before each chunk of about a second of sending, the worker tells the API how far
-into the batch sends may have started (`started_through`), so a worker that dies leaves at most
-one chunk in doubt; a send whose outcome is not known (an unexpected error) is left out of the
-report, which makes it `unknown` on the server: never re-sent automatically.
+Crash safety. Before each chunk of about a second of sending (never more than the grant's
+`chunk_limit` recipients), the worker tells the API how far into the batch sends may have started
+(`started_through`), so a worker that dies leaves at most one chunk in doubt; a send whose outcome
+is not known (an unexpected error) is left out of the report, which makes it `unknown` on the
+server: never re-sent automatically.
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ class _BatchRun:
 
     window: Window
     concurrency: int
+    # The most recipients one progress report may declare (the grant's chunk_limit; None from a
+    # server too old to send one).
+    chunk_limit: int | None = None
     throttled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     first_start: float | None = None
@@ -278,6 +282,10 @@ class _BatchRun:
                 return None
             busy = now - self.first_start
             return self.done / busy if busy > 0 else None
+
+    def limit(self, chunk: int) -> int:
+        """`chunk`, but never more than the grant's chunk_limit."""
+        return chunk if self.chunk_limit is None else min(chunk, self.chunk_limit)
 
     @property
     def elapsed_ms(self) -> int:
@@ -372,7 +380,12 @@ class Worker:
         """Send a batch inside its window; return the report for the next check-in."""
         began = self.clock()
         recipients = batch["recipients"]
-        run = _BatchRun(window=window, concurrency=max(1, int(batch["concurrency"])))
+        chunk_limit = batch.get("chunk_limit")
+        run = _BatchRun(
+            window=window,
+            concurrency=max(1, int(batch["concurrency"])),
+            chunk_limit=None if chunk_limit is None else max(1, int(chunk_limit)),
+        )
         outcomes: list[dict | None]
         try:
             provider = self.provider_for(batch["provider"], batch)
@@ -515,13 +528,14 @@ class Worker:
 
     def _chunk_size(self, run: _BatchRun) -> int:
         """About a second of sending at the measured rate (never more than the window has
-        left), at least `concurrency`."""
+        left), at least `concurrency`, but never more than the grant's `chunk_limit` (which wins:
+        it bounds what a crash right after this report costs the minute)."""
         now = self.clock()
         rate = run.rate_per_s(now) or self.rate_per_s
         if rate is None:
-            return run.concurrency
+            return run.limit(run.concurrency)
         seconds = min(CHUNK_S, max(0.0, run.window.stop_at - now))
-        return max(run.concurrency, math.ceil(rate * seconds))
+        return run.limit(max(run.concurrency, math.ceil(rate * seconds)))
 
     def _send_all(self, batch, recipients, provider, compiled, run: _BatchRun) -> list:
         outcomes: list[dict | None] = [{"id": r["id"], "status": "not_started"} for r in recipients]
@@ -534,7 +548,7 @@ class Worker:
         if run.window.start_at > self.clock():
             # Announce the first chunk while waiting for the window to open, so that sending
             # starts right when it does.
-            mark = min(len(recipients), run.concurrency)
+            mark = min(len(recipients), run.limit(run.concurrency))
             if not self._progress(batch["lease_id"], mark, run):
                 return outcomes
             started_through = mark

@@ -261,6 +261,44 @@ def test_progress_chunk_is_about_a_second_of_sending_and_at_least_the_concurrenc
     assert pacing.progress_chunk(rate_per_s=None, concurrency=8) == 80
 
 
+def test_chunk_limit_is_a_share_of_the_cap_and_at_least_one():
+    assert pacing.chunk_limit(60) == 1  # 0.24
+    assert pacing.chunk_limit(249) == 1
+    assert pacing.chunk_limit(600) == 2  # 2.4
+    assert pacing.chunk_limit(4_500) == 18
+    assert pacing.chunk_limit(60_000) == 240
+    assert pacing.chunk_limit(0) == 1
+
+
+@given(cap=st.integers(min_value=101, max_value=10**7))
+def test_two_chunks_less_one_send_are_under_one_percent_of_a_cap_above_100(cap):
+    # How far a worker's mark can run ahead of its starts (A6): the rest of the chunk under way
+    # and the next one. Under 1% of the cap wherever one send is.
+    assert 2 * pacing.chunk_limit(cap) - 1 < 0.01 * cap
+
+
+def test_progress_chunk_never_exceeds_the_caps_chunk_limit_even_below_the_concurrency():
+    # The cap's bound wins over the concurrency floor ...
+    assert pacing.progress_chunk(rate_per_s=3.0, concurrency=8, per_minute=60) == 1
+    assert pacing.progress_chunk(rate_per_s=None, concurrency=8, per_minute=600) == 2
+    assert pacing.progress_chunk(rate_per_s=123.7, concurrency=8, per_minute=4_500) == 18
+    # ... and does not change a chunk already below it.
+    assert pacing.progress_chunk(rate_per_s=123.7, concurrency=8, per_minute=60_000) == 123
+    assert pacing.progress_chunk(rate_per_s=3.0, concurrency=8, per_minute=60_000) == 8
+
+
+@given(
+    rate=st.none() | st.floats(min_value=0.01, max_value=10_000),
+    concurrency=st.integers(min_value=1, max_value=64),
+    cap=st.integers(min_value=0, max_value=10**6),
+)
+def test_progress_chunk_is_between_one_and_the_chunk_limit(rate, concurrency, cap):
+    chunk = pacing.progress_chunk(rate_per_s=rate, concurrency=concurrency, per_minute=cap)
+    unbounded = pacing.progress_chunk(rate_per_s=rate, concurrency=concurrency)
+    assert chunk == min(unbounded, pacing.chunk_limit(cap))
+    assert 1 <= chunk <= pacing.chunk_limit(cap)
+
+
 def test_open_spill_counts_only_leases_that_may_cross():
     crossing = lease_for()
     early = replace(crossing, size=7, may_cross=False)

@@ -7,21 +7,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from sending import pacing
 from sending.simulator import SimConfig, simulate, simulate_baseline
 
 # Short "minutes" keep this fast; the production window is 60 s.
-# Five workers at concurrency 8 start ~900 sends in a 1.5 s window, so they can carry 300.
+# Twenty workers at concurrency 8 start ~3,600 sends in a 1.5 s window, so they can carry 2,000.
+# The cap is that high because a progress chunk is at most pacing.chunk_limit (0.4%) of the cap
+# per minute, whatever the minute's length: at 2,000 it is 8, still `concurrency`. At a cap of a
+# few hundred per 2 s minute a chunk would be one send, so each worker would start one send per
+# check-in round trip (2-30 ms each way here, as in production): too slow for a 1.5 s window,
+# though in a 60 s minute that cap needs only a few sends a second.
 SHORT = SimConfig(
-    per_minute=300,
-    max_workers=5,
+    per_minute=2_000,
+    max_workers=20,
     concurrency=8,
-    batch_size=40,
+    batch_size=100,
     minutes=40,
     window_ms=2_000,
     guard_ms=250,
     spill_hold_ms=1_000,
     cold_start_ms=(50, 300),
-    crash_p=0.02,
+    crash_p=0.005,
     lifetime_minutes=7,
     seed=11,
 )
@@ -57,7 +63,7 @@ def test_realistic_minute_with_many_workers_fills_the_cap_exactly():
 def test_without_a_guard_band_the_provider_sees_over_cap_minutes():
     # Shows the simulated provider can catch a violation: with no guard, skew and latency push
     # sends into minutes that were not charged for them.
-    config = replace(SHORT, guard_ms=0, crash_p=0.0, per_minute=400, max_workers=5)
+    config = replace(SHORT, guard_ms=0, crash_p=0.0)
     over = sum(simulate(replace(config, seed=seed)).over_cap_minutes for seed in range(3))
     assert over > 0
 
@@ -124,3 +130,26 @@ def test_a_live_worker_presumed_lost_is_refused_and_stops_and_nothing_goes_over(
     assert result.stats["false_alarms"] > 0
     assert result.stats["abandoned"] == result.stats["false_alarms"]
     assert result.over_cap_minutes == 0
+
+
+def test_at_a_small_cap_a_crash_costs_its_minute_at_most_two_chunks():
+    # 600/min: a chunk is pacing.chunk_limit(600) = 2 sends, below the concurrency (8), so a
+    # worker reports every two sends. A crash every 50 batches on average.
+    config = SimConfig(
+        per_minute=600, max_workers=3, batch_size=25, minutes=60, crash_p=0.02, seed=4
+    )
+    result = simulate(config)
+    limit = pacing.chunk_limit(config.per_minute)
+    stats = result.stats
+    assert limit == 2 < config.concurrency
+    assert stats["crashes"] >= 20
+    assert result.over_cap_minutes == 0
+    assert stats["max_chunk"] == limit
+    # The mark runs at most the rest of the chunk under way and the next one ahead of the starts.
+    assert 0 < stats["max_in_doubt_unsent"] <= 2 * limit - 1
+    for minute in np.flatnonzero(result.eligible):
+        crashes = result.crash_lease_minutes.count(int(minute))
+        short = config.per_minute - result.accepted[minute]
+        assert short <= (2 * limit - 1) * crashes, minute
+        if crashes <= 1:
+            assert short < 0.01 * config.per_minute, minute

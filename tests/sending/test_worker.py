@@ -13,7 +13,7 @@ import requests
 from django.db import OperationalError, connection
 
 from customers.models import SendLimit
-from sending import checkin
+from sending import checkin, pacing
 from sending.checkin import Clock
 from sending.models import Lease, Message, Recipient
 from sending.models import Worker as WorkerRow
@@ -198,13 +198,15 @@ class Remaining:
         return self.ms
 
 
-def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2):
+def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2, chunk_limit=None):
+    # chunk_limit=None: the field is left out, as an older server does.
     return {
         "lease_id": 7,
         "start_in_ms": start_in_ms,
         "stop_starting_in_ms": stop_starting_in_ms,
         "minute_ends_in_ms": 59_000,
         "concurrency": concurrency,
+        **({} if chunk_limit is None else {"chunk_limit": chunk_limit}),
         "provider": {"kind": "sandbox", "settings": {}, "credentials": {}, "per_minute_cap": 9},
         "messages": {
             "3": {
@@ -265,6 +267,24 @@ def test_sends_start_only_inside_the_window_and_after_their_progress_mark():
             assert result["provider_id"] == f"p-{result['id']}"
             assert 200 <= result["done_ms"] <= 1_000
     assert 0 < report["elapsed_ms"] < 1_000
+
+
+def test_no_progress_call_declares_more_than_the_grants_chunk_limit():
+    provider = RecordingProvider(send_s=0.02)
+    worker, api = fake_worker(provider)
+    worker.rate_per_s = 500.0  # a fast worker: a second of sending would be 500 recipients
+    batch = fake_batch(30, start_in_ms=100, concurrency=4, chunk_limit=3)
+    _, report = send_now(worker, batch)
+
+    assert [r["status"] for r in report["results"]] == ["sent"] * 30
+    marks = [mark for _, mark in api.progress]
+    # The first chunk, announced before the window opens, is the limit, not `concurrency`.
+    assert marks[0] == 3
+    steps = [b - a for a, b in zip([0, *marks], marks, strict=False)]
+    assert marks[-1] == 30 and max(steps) <= 3 and min(steps) > 0
+    # Each send started after a progress call that covered it.
+    for rid, started in provider.starts.items():
+        assert any(at <= started and mark >= rid for at, mark in api.progress), rid
 
 
 def test_a_throttle_stops_new_sends_at_once_and_the_rest_are_not_started():
@@ -495,3 +515,57 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
         assert not Recipient.objects.filter(status="leased").exists()
     finally:
         sandbox.stop()
+
+
+def test_against_the_api_no_progress_report_grows_started_through_by_more_than_chunk_limit(
+    api_url, sandbox
+):
+    # 1,000 a minute: chunk_limit is 4, below the concurrency of 8, so the grant's bound (not
+    # about a second of sending, not `concurrency`) decides every chunk.
+    customer = make_customer(sandbox, per_minute=1_000, batch_size=20, concurrency=8)
+    message = make_message(customer, 50)
+    _, event = start_worker(customer, api_url)
+
+    class Recording(requests.Session):
+        def __init__(self):
+            super().__init__()
+            self.calls = []  # (path, request body, answer body)
+
+        def post(self, url, **kwargs):
+            response = super().post(url, **kwargs)
+            answer = response.json() if response.content else None
+            self.calls.append((url.rsplit("/", 1)[-1], kwargs["json"], answer))
+            return response
+
+    session = Recording()
+    api = Api(
+        event["api_url"], event["token"], timeout_s=5, retries=2, backoff_ms=10, session=session
+    )
+    summary = Worker(event, LocalContext(20), api=api).run()
+
+    assert summary["stop"] == "done", summary
+    assert summary["sent"] == 50
+    assert_sent_once_each(message, sandbox)
+    grants = [a["batch"] for path, _, a in session.calls if path == "checkin" and a.get("batch")]
+    assert len(grants) >= 3
+    assert {g["chunk_limit"] for g in grants} == {pacing.chunk_limit(1_000)} == {4}
+    marks: dict[int, list[int]] = {}
+    for path, body, _ in session.calls:
+        if path == "progress":
+            marks.setdefault(body["lease_id"], []).append(body["started_through"])
+    assert set(marks) <= {g["lease_id"] for g in grants}
+    sent_by_lease = {}
+    for path, body, _ in session.calls:
+        if path == "checkin" and body["report"]:
+            results = body["report"]["results"]
+            sent_by_lease[body["report"]["lease_id"]] = sum(r["status"] == "sent" for r in results)
+    for grant in grants:
+        lease_marks = marks.get(grant["lease_id"], [])
+        steps = [b - a for a, b in zip([0, *lease_marks], lease_marks, strict=False)]
+        assert all(0 < step <= 4 for step in steps), (grant["lease_id"], lease_marks)
+        # (A batch can be cut short by its window; nothing past the last mark was started.)
+        assert sent_by_lease[grant["lease_id"]] <= (lease_marks or [0])[-1]
+        assert (lease_marks or [0])[-1] <= len(grant["recipients"])
+    # What the server recorded is the last mark of each lease.
+    recorded = dict(Lease.objects.values_list("pk", "started_through"))
+    assert recorded == {g["lease_id"]: (marks.get(g["lease_id"]) or [0])[-1] for g in grants}
