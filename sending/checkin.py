@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Q
@@ -468,7 +469,12 @@ def _grant(
             "provider": _provider_payload(messages[0].customer),
             "messages": {str(m.pk): _message_payload(m) for m in messages if m.pk in used},
             "recipients": [
-                {"id": c.id, "message": c.message_id, "to": c.email, "merge": c.merge_data}
+                {
+                    "id": c.id,
+                    "message": c.message_id,
+                    "to": c.email,
+                    "merge": orjson.Fragment(c.merge_json),
+                }
                 for c in leased
             ],
         },

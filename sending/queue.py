@@ -25,12 +25,16 @@ SUPPRESSED = Recipient.Status.SUPPRESSED.value
 RETRY = "retry"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claimed:
     id: int
     message_id: int
     email: str
-    merge_data: dict
+    merge_json: str  # the recipient's merge data as JSON text, passed on to the worker unparsed
+
+    @property
+    def merge_data(self) -> dict:
+        return json.loads(self.merge_json)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     are not leased.
     """
     lock = "FOR UPDATE SKIP LOCKED" if _is_postgres() else ""
+    # As text (SQLite keeps JSON as text anyway): the answer embeds it as it is.
+    merge_text = "merge_data::text" if _is_postgres() else "merge_data"
     sql = f"""
         WITH picked AS (
             SELECT id FROM sending_recipient
@@ -76,7 +82,7 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
                 WHERE s.customer_id = %s AND lower(s.email) = lower(sending_recipient.email)
             ) THEN %s ELSE %s END
         WHERE id IN (SELECT id FROM picked)
-        RETURNING id, status, email, merge_data
+        RETURNING id, status, email, {merge_text}
     """  # noqa: S608 - only the lock clause is interpolated, from a constant
     params = [message_id, QUEUED, after_id, limit, customer_id, SUPPRESSED, LEASED]
     with connection.cursor() as cursor:
@@ -84,13 +90,11 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
         rows = cursor.fetchall()
     leased = []
     suppressed = 0
-    for recipient_id, status, email, merge_data in sorted(rows):
+    for recipient_id, status, email, merge_json in sorted(rows):
         if status == SUPPRESSED:
             suppressed += 1
             continue
-        if isinstance(merge_data, str):  # SQLite returns JSON as text
-            merge_data = json.loads(merge_data)
-        leased.append(Claimed(recipient_id, message_id, email, merge_data or {}))
+        leased.append(Claimed(recipient_id, message_id, email, merge_json or "{}"))
     last_id = max((row[0] for row in rows), default=after_id)
     return ClaimResult(leased=leased, suppressed=suppressed, scanned=len(rows), last_id=last_id)
 

@@ -4,6 +4,7 @@ time through the real service."""
 
 from datetime import timedelta
 
+import orjson
 from django.utils import timezone
 
 from customers.models import Customer, SendLimit
@@ -42,9 +43,11 @@ def make_message(customer, n, *, started_minutes_ago=0, subject="Hello {{ first_
 
 def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1"):
     body = {"worker_id": worker.pk, "seq": seq, "request_id": request_id, "report": report}
-    return checkin.checkin(
+    answer = checkin.checkin(
         claims=tokens.verify(token), request=parse_checkin(body), clock=Clock(at)
     )
+    # As the worker receives it: the answer embeds pre-serialized JSON (orjson.Fragment).
+    return orjson.loads(orjson.dumps(answer))
 
 
 def report_all_sent(answer, *, done_ms=100):
