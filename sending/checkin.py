@@ -308,9 +308,16 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
     customer_id = worker.customer_id
     minute_ms = pacing.minute_start(clock.now_ms, limits.window_ms)
     minute_start = ms_to_datetime(minute_ms)
-    row = _minute(customer_id, minute_start, cap=limits.per_minute)
     previous = minute_start - timedelta(milliseconds=limits.window_ms)
-    pool = _pool(customer_id=customer_id, previous_minute=previous)
+    pool = _pool(customer_id=customer_id, minute_start=minute_start, previous_minute=previous)
+    if pool.minute_id is None:  # the minute's first check-in
+        row = _minute(customer_id, minute_start, cap=limits.per_minute)
+        pool = replace(
+            pool,
+            minute_id=row.pk,
+            ledger=(row.granted, row.refunded, row.carried_in, row.throttled),
+        )
+    granted, refunded, carried_in, throttled = pool.ledger
     messages = sending_messages(customer_id)
     backlog = backlog_for(customer_id=customer_id, limits=limits, messages=messages)
     decision = pacing.decide(
@@ -318,10 +325,10 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
         limits=limits,
         ledger=pacing.MinuteLedger(
             minute_start_ms=minute_ms,
-            granted=row.granted,
-            refunded=row.refunded,
-            carried_in=row.carried_in,
-            throttled=row.throttled,
+            granted=granted,
+            refunded=refunded,
+            carried_in=carried_in,
+            throttled=throttled,
         ),
         open_spill=pool.open_spill,
         backlog=backlog,
@@ -340,27 +347,43 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
     if isinstance(decision, pacing.Wait):
         return {"decision": "wait", "wait_ms": decision.ms}
     return _grant(
-        worker=worker, grant=decision, row=row, limits=limits, clock=clock, messages=messages
+        worker=worker,
+        grant=decision,
+        minute_id=pool.minute_id,
+        limits=limits,
+        clock=clock,
+        messages=messages,
     )
 
 
 @dataclass(frozen=True)
 class _Pool:
+    """What a decision reads besides the limits and the backlog."""
+
+    minute_id: int | None  # the current minute's CustomerMinute row (None: not made yet)
+    ledger: tuple[int, int, int, int]  # its granted, refunded, carried_in, throttled
     open_spill: int  # pacing.open_spill() over the previous minute's open leases
     running: int  # live workers, the asking one included
     rate_per_s: float | None  # their mean measured rate
 
 
-def _pool(*, customer_id: int, previous_minute: datetime) -> _Pool:
-    """The customer's live workers and the previous minute's open spill, in one query."""
+def _pool(*, customer_id: int, minute_start: datetime, previous_minute: datetime) -> _Pool:
+    """The current minute's ledger, the customer's live workers and the previous minute's open
+    spill, in one query."""
     live = [state.value for state in Worker.LIVE_STATES]
     sql = f"""
-        SELECT (SELECT COALESCE(SUM(l.size), 0) FROM {Lease._meta.db_table} l
-                WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
-                  AND l.may_cross = %s),
-               COUNT(*), AVG(w.rate_per_s)
-        FROM {Worker._meta.db_table} w
-        WHERE w.customer_id = %s AND w.state IN ({", ".join(["%s"] * len(live))})
+        SELECT m.id, m.granted, m.refunded, m.carried_in, m.throttled,
+               p.open_spill, p.running, p.rate
+        FROM (
+            SELECT (SELECT COALESCE(SUM(l.size), 0) FROM {Lease._meta.db_table} l
+                    WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
+                      AND l.may_cross = %s) AS open_spill,
+                   COUNT(*) AS running, AVG(w.rate_per_s) AS rate
+            FROM {Worker._meta.db_table} w
+            WHERE w.customer_id = %s AND w.state IN ({", ".join(["%s"] * len(live))})
+        ) p
+        LEFT JOIN {CustomerMinute._meta.db_table} m
+            ON m.customer_id = %s AND m.minute_start = %s
     """  # noqa: S608 - table names and placeholders only
     params = [
         customer_id,
@@ -369,11 +392,21 @@ def _pool(*, customer_id: int, previous_minute: datetime) -> _Pool:
         True,
         customer_id,
         *live,
+        customer_id,
+        connection.ops.adapt_datetimefield_value(minute_start),
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        open_spill, running, rate = cursor.fetchone()
-    return _Pool(open_spill=int(open_spill), running=running, rate_per_s=rate)
+        minute_id, granted, refunded, carried_in, throttled, open_spill, running, rate = (
+            cursor.fetchone()
+        )
+    return _Pool(
+        minute_id=minute_id,
+        ledger=(granted or 0, refunded or 0, carried_in or 0, throttled or 0),
+        open_spill=int(open_spill),
+        running=running,
+        rate_per_s=rate,
+    )
 
 
 def sending_messages(customer_id: int) -> list[Message]:
@@ -420,7 +453,7 @@ def _grant(
     *,
     worker: Worker,
     grant: pacing.Grant,
-    row: CustomerMinute,
+    minute_id: int,
     limits: pacing.Limits,
     clock: Clock,
     messages: list[Message],
@@ -450,7 +483,7 @@ def _grant(
         overdue_at=granted_at + timedelta(milliseconds=terms.overdue_in_ms),
         expires_at=granted_at + timedelta(milliseconds=terms.expires_in_ms),
     )
-    CustomerMinute.objects.filter(pk=row.pk).update(
+    CustomerMinute.objects.filter(pk=minute_id).update(
         granted=F("granted") + len(leased), cap=limits.per_minute
     )
     used = {c.message_id for c in leased}
