@@ -27,9 +27,9 @@ Figures
   charged but never sent (``sending.pacing``, A6): at most about two chunks, ``2 * chunk - 1``
   sends, and a chunk is at most ``pacing.chunk_limit`` (0.4% of the cap), so that stays under 1%
   of the cap wherever one send does (caps above 100/min). At 60/min a chunk is one send, 1.7% of
-  the cap: a minute with such a crash cannot reach 0.99. (A crash's refund can also go unused if
-  it comes back after the minute's budget was all granted and every live worker is waiting for
-  the next minute; that adds to the crash's minute, see ``sending.pacing``.)
+  the cap: a minute with such a crash cannot reach 0.99. (The refund of what a crashed worker had
+  not declared is used in its minute: workers waiting for budget come back when the first open
+  lease of the minute falls due, see ``pacing.decide``'s ``refunds_due_ms``.)
 """
 
 from __future__ import annotations

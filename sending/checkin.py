@@ -341,6 +341,7 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
             throttled=worker.throttled_minute == minute_start,
         ),
         running_workers=pool.running,
+        refunds_due_ms=pool.refunds_due_ms,
     )
     if isinstance(decision, pacing.Stop):
         return {"decision": "stop", "reason": decision.reason}
@@ -365,19 +366,25 @@ class _Pool:
     open_spill: int  # pacing.open_spill() over the previous minute's open leases
     running: int  # live workers, the asking one included
     rate_per_s: float | None  # their mean measured rate
+    refunds_due_ms: int | None  # when the first open lease of the minute falls due (reclaim)
 
 
 def _pool(*, customer_id: int, minute_start: datetime, previous_minute: datetime) -> _Pool:
-    """The current minute's ledger, the customer's live workers and the previous minute's open
-    spill, in one query."""
+    """The current minute's ledger and the earliest time one of its open leases falls due, the
+    customer's live workers, and the previous minute's open spill, in one query."""
     live = [state.value for state in Worker.LIVE_STATES]
     sql = f"""
         SELECT m.id, m.granted, m.refunded, m.carried_in, m.throttled,
-               p.open_spill, p.running, p.rate
+               p.open_spill, p.running, p.rate, p.refunds_due
         FROM (
             SELECT (SELECT COALESCE(SUM(l.size), 0) FROM {Lease._meta.db_table} l
                     WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
                       AND l.may_cross = %s) AS open_spill,
+                   (SELECT MIN(CASE WHEN l.overdue_at < l.expires_at
+                                    THEN l.overdue_at ELSE l.expires_at END)
+                    FROM {Lease._meta.db_table} l
+                    WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
+                   ) AS refunds_due,
                    COUNT(*) AS running, AVG(w.rate_per_s) AS rate
             FROM {Worker._meta.db_table} w
             WHERE w.customer_id = %s AND w.state IN ({", ".join(["%s"] * len(live))})
@@ -391,22 +398,32 @@ def _pool(*, customer_id: int, minute_start: datetime, previous_minute: datetime
         connection.ops.adapt_datetimefield_value(previous_minute),
         True,
         customer_id,
+        Lease.State.OPEN.value,
+        connection.ops.adapt_datetimefield_value(minute_start),
+        customer_id,
         *live,
         customer_id,
         connection.ops.adapt_datetimefield_value(minute_start),
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        minute_id, granted, refunded, carried_in, throttled, open_spill, running, rate = (
-            cursor.fetchone()
-        )
+        row = cursor.fetchone()
+    minute_id, granted, refunded, carried_in, throttled, open_spill, running, rate, due = row
     return _Pool(
         minute_id=minute_id,
         ledger=(granted or 0, refunded or 0, carried_in or 0, throttled or 0),
         open_spill=int(open_spill),
         running=running,
         rate_per_s=rate,
+        refunds_due_ms=None if due is None else datetime_to_ms(_db_datetime(due)),
     )
+
+
+def _db_datetime(value) -> datetime:
+    """A datetime read by raw SQL: SQLite hands back its stored text (naive UTC)."""
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def sending_messages(customer_id: int) -> list[Message]:

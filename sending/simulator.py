@@ -192,6 +192,8 @@ class _Run:
         )
         self.backlog_empty_at: int | None = None
         self.workers: dict[int, _Worker] = {}
+        # Open leases by worker id: (their minute, when they fall due), for decide's refunds_due_ms.
+        self.due: dict[int, tuple[int, int]] = {}
         self.heap: list[tuple[int, int, int, int, object]] = []
         self.seq = 0
         self.crash_minutes: set[int] = set()
@@ -308,6 +310,7 @@ class _Run:
                 worker.rate, settlement.sent + settlement.failed, payload.busy_ms
             )
             worker.lease = None
+            self.due.pop(worker.id, None)
         if now >= self.cfg.end_ms or now >= worker.dies_at_ms:
             worker.alive = False
             if now < self.cfg.end_ms:
@@ -315,6 +318,7 @@ class _Run:
             return
 
         start = pacing.minute_start(now, self.window)
+        due = [at for minute, at in self.due.values() if minute == start]
         decision = pacing.decide(
             now_ms=now,
             limits=self.limits,
@@ -323,6 +327,7 @@ class _Run:
             backlog=self.backlog,
             worker=pacing.WorkerView(rate_per_s=worker.rate, throttled=throttled),
             running_workers=self.running(),
+            refunds_due_ms=min(due, default=None),
         )
         if isinstance(decision, pacing.Stop):
             self.stats["stops"] += 1
@@ -342,6 +347,7 @@ class _Run:
         lease = pacing.Lease.from_grant(grant, self.limits)
         worker.leases += 1
         abandon_at = now + min(lease.overdue_in_ms, lease.expires_in_ms)
+        self.due[worker.id] = (lease.minute_start_ms, abandon_at)
         if lease.may_cross:
             self.open_size[lease.minute_start_ms] = (
                 self.open_size.get(lease.minute_start_ms, 0) + lease.size
@@ -444,6 +450,7 @@ class _Run:
         self.stats["abandoned"] += 1
         self.stats["in_doubt"] += settlement.unknown
         worker.lease = None
+        self.due.pop(worker.id, None)
         worker.presumed_lost = True
         if abandon.crashed:
             worker.alive = False

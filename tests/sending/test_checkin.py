@@ -8,9 +8,9 @@ from django.db import connection
 from django.test import Client
 
 from customers.models import SendLimit, Suppression
-from sending import checkin, tokens
+from sending import checkin, pacing, tokens
 from sending.checkin import Clock
-from sending.models import CustomerMinute, Lease, Recipient
+from sending.models import CustomerMinute, Lease, Recipient, Worker
 from sending.protocol import parse_checkin, parse_progress
 from tests.sending.support import (
     T0,
@@ -244,6 +244,44 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
                 {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 30}
             ),
         )
+
+
+def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
+    """With the minute's budget all granted, a waiting worker comes back when the open lease falls
+    due, not at the minute's end, so the refund of a lost worker's lease is used in its minute."""
+    SendLimit.objects.filter(customer=customer).update(
+        per_minute=6_000, batch_size=40, max_workers=2
+    )
+    make_message(customer, 3_000)  # enough that both workers are needed
+    minute_start = checkin.ms_to_datetime(T0 - 1_500)
+    # 40 left in this minute's budget; two workers of 100 sends/s.
+    CustomerMinute.objects.create(
+        customer=customer, minute_start=minute_start, cap=6_000, granted=5_960
+    )
+    lost, lost_token = checkin.worker_start(customer_id=customer.pk)
+    waiting, waiting_token = checkin.worker_start(customer_id=customer.pk)
+    Worker.objects.filter(pk__in=[lost.pk, waiting.pk]).update(rate_per_s=100.0)
+    lost.refresh_from_db()
+    waiting.refresh_from_db()
+    granted = call(lost, lost_token, 1, at=T0)
+    assert len(granted["batch"]["recipients"]) == 40
+    lease = Lease.objects.get(pk=granted["batch"]["lease_id"])
+    due = min(checkin.datetime_to_ms(lease.overdue_at), checkin.datetime_to_ms(lease.expires_at))
+    minute_end = T0 - 1_500 + WINDOW_MS
+    assert due + pacing.RECLAIM_SLACK_MS < minute_end - 10_000
+
+    answer = call(waiting, waiting_token, 1, at=T0 + 10)
+    assert answer["decision"] == "wait"
+    assert answer["wait_ms"] == due + pacing.RECLAIM_SLACK_MS - (T0 + 10)
+
+    # The first worker never reports: reclaimed when due, nothing started, all 40 refunded.
+    assert checkin.reclaim_overdue_leases(clock=Clock(due)) == 1
+    back = T0 + 10 + answer["wait_ms"]
+    answer = call(waiting, answer["token"], 2, at=back)
+    assert answer["decision"] == "send"
+    assert len(answer["batch"]["recipients"]) == 40
+    row = CustomerMinute.objects.get(customer=customer, minute_start=minute_start)
+    assert (row.granted, row.refunded) == (6_040, 40)
 
 
 def test_unknown_recipients_are_not_offered_again(customer):

@@ -47,6 +47,7 @@ def check_in(
     backlog: int = 1_000,
     worker: WorkerView = FAST,
     running_workers: int = 1,
+    refunds_due_ms: int | None = None,
 ) -> pacing.Decision:
     start = pacing.minute_start(now_ms, limits.window_ms)
     return decide(
@@ -57,6 +58,7 @@ def check_in(
         backlog=backlog,
         worker=worker,
         running_workers=running_workers,
+        refunds_due_ms=refunds_due_ms,
     )
 
 
@@ -95,6 +97,17 @@ def test_trailing_guard_band_waits_until_the_next_minute():
 def test_exhausted_budget_waits_until_the_next_minute():
     ledger = MinuteLedger(minute_start_ms=MINUTE, granted=100)
     assert check_in(MINUTE + 600, ledger=ledger) == Wait(1_400)
+
+
+def test_exhausted_budget_waits_only_until_an_open_lease_may_give_some_back():
+    ledger = MinuteLedger(minute_start_ms=MINUTE, granted=100)
+    slack = pacing.RECLAIM_SLACK_MS
+    # A lease of this minute falls due at +300: come back when it has reported or been reclaimed.
+    assert check_in(MINUTE + 200, ledger=ledger, refunds_due_ms=MINUTE + 300) == Wait(100 + slack)
+    # Already due (not reclaimed yet): come back after the next reclaim could have run.
+    assert check_in(MINUTE + 200, ledger=ledger, refunds_due_ms=MINUTE + 100) == Wait(slack)
+    # Too late for this minute's window (it closes at +1,750): wait for the next minute.
+    assert check_in(MINUTE + 200, ledger=ledger, refunds_due_ms=MINUTE + 1_200) == Wait(1_800)
 
 
 def test_paused_stops():
