@@ -451,8 +451,12 @@ def backlog_for(
     from the start). Only when what lies ahead of the cursors is within the exact range are the
     recipients returned to the queue behind them counted too.
     """
-    if messages is None:
-        messages = sending_messages(customer_id)
+    if messages is None:  # only the ids and cursors are needed here
+        messages = list(
+            Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING).only(
+                "id", "claim_after"
+            )
+        )
     exact_up_to = limits.batch_size * (limits.max_workers + 1)
     for from_cursor in (True, False):
         counted = 0
