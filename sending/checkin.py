@@ -315,21 +315,20 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock) -> dict:
         pool = replace(
             pool,
             minute_id=row.pk,
-            ledger=(row.granted, row.refunded, row.carried_in, row.throttled),
+            ledger=pacing.MinuteLedger(
+                minute_start_ms=minute_ms,
+                granted=row.granted,
+                refunded=row.refunded,
+                carried_in=row.carried_in,
+                throttled=row.throttled,
+            ),
         )
-    granted, refunded, carried_in, throttled = pool.ledger
     messages = sending_messages(customer_id)
     backlog = backlog_for(customer_id=customer_id, limits=limits, messages=messages)
     decision = pacing.decide(
         now_ms=clock.now_ms,
         limits=limits,
-        ledger=pacing.MinuteLedger(
-            minute_start_ms=minute_ms,
-            granted=granted,
-            refunded=refunded,
-            carried_in=carried_in,
-            throttled=throttled,
-        ),
+        ledger=pool.ledger,
         open_spill=pool.open_spill,
         backlog=backlog,
         # A throttled worker backs off for the rest of the minute it was throttled in.
@@ -362,7 +361,7 @@ class _Pool:
     """What a decision reads besides the limits and the backlog."""
 
     minute_id: int | None  # the current minute's CustomerMinute row (None: not made yet)
-    ledger: tuple[int, int, int, int]  # its granted, refunded, carried_in, throttled
+    ledger: pacing.MinuteLedger  # its counts (all zero while the row is not made yet)
     open_spill: int  # pacing.open_spill() over the previous minute's open leases
     running: int  # live workers, the asking one included
     rate_per_s: float | None  # their mean measured rate
@@ -411,7 +410,13 @@ def _pool(*, customer_id: int, minute_start: datetime, previous_minute: datetime
     minute_id, granted, refunded, carried_in, throttled, open_spill, running, rate, due = row
     return _Pool(
         minute_id=minute_id,
-        ledger=(granted or 0, refunded or 0, carried_in or 0, throttled or 0),
+        ledger=pacing.MinuteLedger(
+            minute_start_ms=datetime_to_ms(minute_start),
+            granted=granted or 0,
+            refunded=refunded or 0,
+            carried_in=carried_in or 0,
+            throttled=throttled or 0,
+        ),
         open_spill=int(open_spill),
         running=running,
         rate_per_s=rate,
