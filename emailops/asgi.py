@@ -10,7 +10,9 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from emailops.handlers import WorkerAPIHandler, http_router  # noqa: E402
+
+application = ProtocolTypeRouter({"http": http_router(django_asgi_app, WorkerAPIHandler())})
 
 # What is loaded by now lives as long as the process: take it out of the garbage collector's
 # generations, so that the full collections a check-in's garbage triggers do not walk all of it.

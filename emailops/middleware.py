@@ -1,6 +1,7 @@
 """Project middleware."""
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.middleware import security as django_security
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 
@@ -35,3 +36,18 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         if static_file is not None:
             return self.serve(static_file, request)
         return await self.get_response(request)
+
+
+class SecurityMiddleware(django_security.SecurityMiddleware):
+    """Django's SecurityMiddleware, run on the event loop in an async chain.
+
+    Django runs a sync middleware's `process_request` and `process_response` in a thread under
+    ASGI: two hops per request. These two only read settings and the request and set headers, so
+    the async path calls them directly.
+    """
+
+    async def __acall__(self, request):
+        response = self.process_request(request)
+        if response is None:
+            response = await self.get_response(request)
+        return self.process_response(request, response)
