@@ -26,8 +26,6 @@ from . import pacing, queue, tokens
 from .models import CustomerMinute, Lease, Message, Recipient, Worker
 from .protocol import CheckinRequest, Outcome, ProgressRequest, Report
 
-QUEUED = Recipient.Status.QUEUED.value
-
 API_VERSION = "v1"
 
 
@@ -562,7 +560,7 @@ def backlog_for(
             counted = 0
             for message in messages:
                 after = message.claim_after if from_cursor else 0
-                cursor.execute(sql, [message.pk, QUEUED, after, exact_up_to + 1 - counted])
+                cursor.execute(sql, [message.pk, queue.QUEUED, after, exact_up_to + 1 - counted])
                 counted += cursor.fetchone()[0]
                 if counted > exact_up_to:
                     return max(counted, limits.per_minute + 1)
