@@ -10,9 +10,9 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
 
     WhiteNoise's middleware is sync-only. Under ASGI one sync-only middleware makes Django adapt
     the chain around it on every request: a hop into a thread of its own that then blocks on the
-    rest of the (async) chain. The worker API's views are async, so that hop sat in front of every
-    check-in. Looking a path up in WhiteNoise's table of files is in-memory and quick, so the async
-    path does it on the event loop and hands every other request straight on.
+    rest of the (async) chain. Looking a path up in WhiteNoise's table of files is in-memory and
+    quick, so the async path does it on the event loop and hands every other request straight on.
+    (The worker API does not go through this chain at all: see emailops.handlers.)
     """
 
     async_capable = True
