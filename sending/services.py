@@ -24,7 +24,14 @@ def _check(user, perm: str) -> None:
 
 
 def _locked(message_id: int) -> Message:
-    return Message.objects.select_for_update().select_related("customer").get(pk=message_id)
+    # The message's row only (`of`): locking the joined customer too would block every check-in
+    # of the customer at its foreign-key checks while a cancel's long UPDATE runs, and a check-in
+    # holding claimed rows there deadlocks with the cancel waiting for those rows.
+    return (
+        Message.objects.select_for_update(of=("self",))
+        .select_related("customer")
+        .get(pk=message_id)
+    )
 
 
 def _transition(message: Message, *, to: str, allowed: tuple[str, ...], verb: str) -> None:
