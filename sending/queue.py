@@ -73,12 +73,23 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     Addresses on the customer's suppression list are marked suppressed in the same statement and
     are not leased.
     """
-    lock = "FOR UPDATE SKIP LOCKED" if _is_postgres() else ""
-    # As text (SQLite keeps JSON as text anyway): the answer embeds it as it is.
-    merge_text = "merge_data::text" if _is_postgres() else "merge_data"
+    if _is_postgres():
+        # The picked rows are found again by their physical address (a TID scan), not by 500
+        # primary-key lookups: measured, 5.2 ms instead of 6.6 ms per 500. The address is that of
+        # the version the lock was taken on (a row updated meanwhile is followed to its newest
+        # version and checked again), and the lock keeps it from moving until the UPDATE.
+        lock, key, picked = (
+            "FOR UPDATE SKIP LOCKED",
+            "ctid",
+            "ctid = ANY(ARRAY(SELECT ctid FROM picked))",
+        )
+        merge_text = "merge_data::text"  # as text: the answer embeds it as it is
+    else:  # SQLite: no row locks (its writers are serialized), JSON is text anyway
+        lock, key, picked = "", "id", "id IN (SELECT id FROM picked)"
+        merge_text = "merge_data"
     sql = f"""
         WITH picked AS (
-            SELECT id FROM sending_recipient
+            SELECT {key} FROM sending_recipient
             WHERE message_id = %s AND status = %s AND id > %s
             ORDER BY id LIMIT %s {lock}
         )
@@ -87,9 +98,9 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
                 SELECT 1 FROM customers_suppression s
                 WHERE s.customer_id = %s AND lower(s.email) = lower(sending_recipient.email)
             ) THEN %s ELSE %s END
-        WHERE id IN (SELECT id FROM picked)
+        WHERE {picked}
         RETURNING id, status, email, {merge_text}
-    """  # noqa: S608 - only the lock clause is interpolated, from a constant
+    """  # noqa: S608 - only constant fragments are interpolated
     params = [message_id, QUEUED, after_id, limit, customer_id, SUPPRESSED, LEASED]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
