@@ -502,6 +502,10 @@ class _Ahead:
         return kept
 
 
+# Large enough that pacing never sizes a grant or the pool by it (see _claim_ahead).
+_UNCOUNTED_BACKLOG = 2**62
+
+
 def _claim_ahead(*, worker: Worker, clock: Clock) -> _Ahead:
     """Claim the batch a check-in will most likely be granted, before taking the customer's lock.
 
@@ -526,10 +530,6 @@ def _claim_ahead(*, worker: Worker, clock: Clock) -> _Ahead:
     if isinstance(decision, pacing.Grant):
         ahead.claim(decision.size)
     return ahead
-
-
-# Large enough that pacing never sizes a grant or the pool by it (see _claim_ahead).
-_UNCOUNTED_BACKLOG = 2**62
 
 
 def _move_cursors(ahead: _Ahead) -> None:
