@@ -27,6 +27,11 @@ test: $(VENV)/.dev
 	$(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest
 
+# Only the tests that drive Chromium (`make test` runs them too).
+.PHONY: test-browser
+test-browser: $(VENV)/.dev
+	$(PY) -m pytest -m browser
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
