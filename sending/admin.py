@@ -34,6 +34,14 @@ PROGRESS_BAR = (
 )
 
 
+# A message whose send has started has no field left to edit: its page offers Close, not Save.
+FROZEN_SUBMIT_ROW = {
+    "show_save": False,
+    "show_save_and_continue": False,
+    "show_save_and_add_another": False,
+}
+
+
 def recipients_url(message_id, **filters) -> str:
     query = "&".join(
         [f"message__id__exact={message_id}"] + [f"{key}={value}" for key, value in filters.items()]
@@ -165,12 +173,18 @@ class MessageAdmin(admin.ModelAdmin):
             Message.Status.SENDING: ["pause", "cancel"],
             Message.Status.PAUSED: ["resume", "cancel"],
         }
-        labels = {"send": "Send now", "pause": "Pause", "resume": "Resume", "cancel": "Cancel send"}
+        # (label, css): starting and resuming look like the page's main action; cancel like delete.
+        looks = {
+            "send": ("Send now", "default"),
+            "pause": ("Pause", ""),
+            "resume": ("Resume", "default"),
+            "cancel": ("Cancel send", "cancel"),
+        }
         return [
             (
-                labels[action],
+                looks[action][0],
                 reverse("admin:sending_message_action", args=[message.pk, action]),
-                "deletelink" if action == "cancel" else "",
+                looks[action][1],
             )
             for action in by_status.get(message.status, [])
             if self._may(request, self.SEND_ACTIONS[action][1])
@@ -267,6 +281,7 @@ class MessageAdmin(admin.ModelAdmin):
                 "import_url": (
                     reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
                 ),
+                **(FROZEN_SUBMIT_ROW if message.is_content_frozen else {}),
                 **(extra_context or {}),
             }
         return super().change_view(request, object_id, form_url, extra_context)
