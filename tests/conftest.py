@@ -62,7 +62,9 @@ class AsgiServer:
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="websockets-sansio")
+        config = uvicorn.Config(
+            application, lifespan="off", log_level="warning", ws="websockets-sansio"
+        )
         self._server = uvicorn.Server(config)
         self._thread = None
 
