@@ -536,7 +536,7 @@ def _raw_step_factory():
             now_ms = time.time_ns() // 1_000_000
             queue.record(
                 [
-                    queue.Outcome(
+                    queue.StatusChange(
                         c.id,
                         queue.SENT,
                         provider_id=f"sim-{c.id}",

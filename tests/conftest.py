@@ -46,6 +46,39 @@ def redis_url():
     return url
 
 
+class EnqueuedTasks:
+    """The default Celery queue of this process's broker (in-memory, or Redis with REDIS_URL),
+    read back: what the code under test really enqueued."""
+
+    def __init__(self, connection):
+        from emailops.celery import app
+
+        self._queue = app.amqp.queues[app.conf.task_default_queue](connection.default_channel)
+        self._queue.declare()
+        self._queue.purge()
+
+    def take(self) -> list[tuple[str, list]]:
+        """(task name, args) of every message on the queue, oldest first; they are consumed."""
+        taken = []
+        while (message := self._queue.get(no_ack=True)) is not None:
+            args, _kwargs, _embed = message.decode()
+            taken.append((message.headers["task"], list(args)))
+        return taken
+
+    def purge(self) -> None:
+        self._queue.purge()
+
+
+@pytest.fixture
+def enqueued_tasks():
+    from emailops.celery import app
+
+    with app.connection_for_write() as connection:
+        tasks = EnqueuedTasks(connection)
+        yield tasks
+        tasks.purge()
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -62,7 +95,9 @@ class AsgiServer:
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(application, lifespan="off", log_level="warning", ws="websockets-sansio")
+        config = uvicorn.Config(
+            application, lifespan="off", log_level="warning", ws="websockets-sansio"
+        )
         self._server = uvicorn.Server(config)
         self._thread = None
 

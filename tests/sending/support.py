@@ -9,9 +9,9 @@ from django.utils import timezone
 
 from customers.models import Customer, SendLimit
 from sending import checkin, tokens
-from sending.checkin import Clock
+from sending.clock import Clock
 from sending.models import Message, Recipient
-from sending.protocol import parse_checkin
+from sending.wire import parse_checkin
 
 WINDOW_MS = 60_000
 # 1.5 s into a calendar minute: inside the window, far from both guard bands.

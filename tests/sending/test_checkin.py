@@ -8,10 +8,10 @@ from django.db import connection
 from django.test import Client
 
 from customers.models import SendLimit, Suppression
-from sending import checkin, pacing, tokens
-from sending.checkin import Clock
+from sending import checkin, leases, pacing, tokens, wire
+from sending.clock import Clock, datetime_to_ms, ms_to_datetime
 from sending.models import CustomerMinute, Lease, Recipient, Worker
-from sending.protocol import parse_checkin, parse_progress
+from sending.wire import parse_checkin, parse_progress
 from tests.sending.support import (
     T0,
     WINDOW_MS,
@@ -94,7 +94,7 @@ def test_late_answers_are_carried_into_the_next_minute(customer):
     late = first["batch"]["minute_ends_in_ms"] - 100  # inside the trailing guard band
     call(worker, first["token"], 2, report_all_sent(first, done_ms=late), at=T0 + WINDOW_MS)
     following = CustomerMinute.objects.get(
-        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+        customer=customer, minute_start=ms_to_datetime(T0 - 1_500 + WINDOW_MS)
     )
     assert following.carried_in == 10
 
@@ -112,7 +112,7 @@ def test_a_repeated_seq_replays_the_stored_answer_and_claims_nothing(customer):
 def test_an_out_of_order_seq_is_a_conflict(customer):
     make_message(customer, 10)
     worker, token = checkin.worker_start(customer_id=customer.pk)
-    with pytest.raises(checkin.Conflict, match="expected 1"):
+    with pytest.raises(wire.Conflict, match="expected 1"):
         call(worker, token, 2)
 
 
@@ -125,7 +125,7 @@ def test_a_report_naming_a_stranger_is_refused_and_records_nothing(customer):
     report["results"].append(
         {"id": outsider.pk, "status": "sent", "provider_id": "z", "done_ms": 1}
     )
-    with pytest.raises(checkin.Conflict, match=str(outsider.pk)):
+    with pytest.raises(wire.Conflict, match=str(outsider.pk)):
         call(worker, first["token"], 2, report)
     assert not Recipient.objects.filter(status="sent").exists()
     assert Lease.objects.get().state == "open"
@@ -137,7 +137,7 @@ def test_an_open_lease_must_be_reported_before_more_is_granted(customer):
     make_message(customer, 100)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     first = call(worker, token, 1)
-    with pytest.raises(checkin.Conflict, match="report it"):
+    with pytest.raises(wire.Conflict, match="report it"):
         call(worker, first["token"], 2)
 
 
@@ -213,16 +213,16 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
     answer = call(worker, token, 1, at=T0 - 1_500 + WINDOW_MS - 2_000)
     lease_id = answer["batch"]["lease_id"]
     ids = [r["id"] for r in answer["batch"]["recipients"]]
-    checkin.progress(
+    leases.record_progress(
         claims=tokens.verify(answer["token"]),
         request=parse_progress(
             {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 20}
         ),
     )
     lease = Lease.objects.get(pk=lease_id)
-    overdue = checkin.datetime_to_ms(lease.overdue_at)
-    assert checkin.reclaim_overdue_leases(clock=Clock(overdue - 1)) == 0
-    assert checkin.reclaim_overdue_leases(clock=Clock(overdue)) == 1
+    overdue = datetime_to_ms(lease.overdue_at)
+    assert leases.reclaim_overdue(clock=Clock(overdue - 1)) == 0
+    assert leases.reclaim_overdue(clock=Clock(overdue)) == 1
     statuses = dict(Recipient.objects.filter(id__in=ids).values_list("id", "status"))
     assert {statuses[i] for i in ids[:20]} == {"unknown"}
     assert {statuses[i] for i in ids[20:]} == {"queued"}
@@ -235,12 +235,12 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
     this_minute = CustomerMinute.objects.get(customer=customer, minute_start=lease.minute_start)
     assert (this_minute.granted, this_minute.refunded) == (50, 30)
     following = CustomerMinute.objects.get(
-        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+        customer=customer, minute_start=ms_to_datetime(T0 - 1_500 + WINDOW_MS)
     )
     assert following.carried_in == 20
     # The worker, if alive after all, may start nothing more.
-    with pytest.raises(checkin.Conflict, match="start nothing more"):
-        checkin.progress(
+    with pytest.raises(wire.Conflict, match="start nothing more"):
+        leases.record_progress(
             claims=tokens.verify(answer["token"]),
             request=parse_progress(
                 {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 30}
@@ -255,7 +255,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
         per_minute=6_000, batch_size=40, max_workers=2
     )
     make_message(customer, 3_000)  # enough that both workers are needed
-    minute_start = checkin.ms_to_datetime(T0 - 1_500)
+    minute_start = ms_to_datetime(T0 - 1_500)
     # 40 left in this minute's budget; two workers of 100 sends/s.
     CustomerMinute.objects.create(
         customer=customer, minute_start=minute_start, cap=6_000, granted=5_960
@@ -268,7 +268,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
     granted = call(lost, lost_token, 1, at=T0)
     assert len(granted["batch"]["recipients"]) == 40
     lease = Lease.objects.get(pk=granted["batch"]["lease_id"])
-    due = min(checkin.datetime_to_ms(lease.overdue_at), checkin.datetime_to_ms(lease.expires_at))
+    due = min(datetime_to_ms(lease.overdue_at), datetime_to_ms(lease.expires_at))
     minute_end = T0 - 1_500 + WINDOW_MS
     assert due + pacing.RECLAIM_SLACK_MS < minute_end - 10_000
 
@@ -277,7 +277,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
     assert answer["wait_ms"] == due + pacing.RECLAIM_SLACK_MS - (T0 + 10)
 
     # The first worker never reports: reclaimed when due, nothing started, all 40 refunded.
-    assert checkin.reclaim_overdue_leases(clock=Clock(due)) == 1
+    assert leases.reclaim_overdue(clock=Clock(due)) == 1
     back = T0 + 10 + answer["wait_ms"]
     answer = call(waiting, answer["token"], 2, at=back)
     assert answer["decision"] == "send"
@@ -292,9 +292,9 @@ def test_unknown_recipients_are_not_offered_again(customer):
     answer = call(worker, token, 1)
     lease = Lease.objects.get(pk=answer["batch"]["lease_id"])
     Lease.objects.filter(pk=lease.pk).update(started_through=50)
-    checkin.reclaim_overdue_leases(clock=Clock(checkin.datetime_to_ms(lease.overdue_at)))
+    leases.reclaim_overdue(clock=Clock(datetime_to_ms(lease.overdue_at)))
     worker2, token2 = checkin.worker_start(customer_id=customer.pk)
-    later = checkin.datetime_to_ms(lease.overdue_at) + 1000
+    later = datetime_to_ms(lease.overdue_at) + 1000
     assert call(worker2, token2, 1, at=later)["decision"] == "stop"
 
 

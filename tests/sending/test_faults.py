@@ -34,6 +34,7 @@ from django.db import connection
 
 from customers.models import SendLimit
 from sending import checkin, conductor, services, tasks
+from sending.clock import datetime_to_ms
 from sending.models import ConductorLease, CustomerMinute, Lease, Message, Recipient
 from sending.models import Worker as WorkerRow
 from sending.runtimes import LocalRuntime, local_invocations, shutdown_local_workers
@@ -593,8 +594,8 @@ def test_a_late_check_in_answer_does_not_move_its_window(
         spans: dict[str, list[tuple[int, int]]] = {}
         for lease in Lease.objects.filter(customer=customer):
             span = (
-                checkin.datetime_to_ms(lease.granted_at),
-                checkin.datetime_to_ms(lease.expires_at),
+                datetime_to_ms(lease.granted_at),
+                datetime_to_ms(lease.expires_at),
             )
             for rid in lease.recipient_ids:
                 spans.setdefault(str(rid), []).append(span)

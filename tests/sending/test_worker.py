@@ -13,8 +13,8 @@ import requests
 from django.db import OperationalError, connection
 
 from customers.models import SendLimit
-from sending import checkin, pacing
-from sending.checkin import Clock
+from sending import checkin, leases, pacing
+from sending.clock import Clock, datetime_to_ms
 from sending.models import Lease, Message, Recipient
 from sending.models import Worker as WorkerRow
 from sending.providers import SendError, Throttled
@@ -50,7 +50,7 @@ def make_message(customer, n):
         text_body="Hi {{ first_name }}",
         html_body="<p>Hi {{ first_name }}</p>",
         status=Message.Status.SENDING,
-        started_at=checkin.Clock.read().now,
+        started_at=Clock.read().now,
     )
     Recipient.objects.bulk_create(
         Recipient(
@@ -372,8 +372,8 @@ def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
             lease_of[str(rid)] = lease
     for send in sandbox.sends:
         lease = lease_of[send.idempotency_key]
-        assert send.arrived_ms >= checkin.datetime_to_ms(lease.start_at)
-        last_start = checkin.datetime_to_ms(lease.stop_starting_at)
+        assert send.arrived_ms >= datetime_to_ms(lease.start_at)
+        last_start = datetime_to_ms(lease.stop_starting_at)
         assert send.arrived_ms <= last_start + settings.SEND_TIMEOUT_MS
     row = WorkerRow.objects.get(pk=worker.pk)
     assert (row.state, row.stop_reason) == ("stopped", "done")
@@ -507,8 +507,8 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
         # No send past the announced mark ever reached the provider.
         assert {s.idempotency_key for s in sandbox.sends} <= {str(i) for i in ids[:mark]}
 
-        at_expiry = Clock(checkin.datetime_to_ms(lease.expires_at))
-        assert checkin.reclaim_overdue_leases(clock=at_expiry) == 1
+        at_expiry = Clock(datetime_to_ms(lease.expires_at))
+        assert leases.reclaim_overdue(clock=at_expiry) == 1
         after = statuses(message)
         assert {after[i] for i in ids[:mark]} == {"unknown"}
         assert {after[i] for i in ids[mark:]} == {"queued"}
