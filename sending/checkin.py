@@ -17,7 +17,7 @@ Everything the worker needs to send comes back in the answer; the worker never r
 
 from django.db import transaction
 
-from . import leases, ledger, pacing, queue, tokens, wire
+from . import leases, ledger, pacing, queue, tokens, wire, workers
 from .clock import Clock, ms_to_datetime
 from .models import Worker
 
@@ -88,29 +88,16 @@ def checkin(
         worker.last_seq = request.seq
         worker.last_response = wire.replayable(answer)
         worker.last_checkin_at = clock.now
-        worker.save(update_fields=_CHECKIN_FIELDS)
+        workers.save_checkin(worker)
     if ahead is not None:
         queue.move_cursors(ahead)
     return {**answer, "token": token}
 
 
-_CHECKIN_FIELDS = [
-    "state",
-    "stop_reason",
-    "stopped_at",
-    "request_id",
-    "last_seq",
-    "last_response",
-    "last_checkin_at",
-    "rate_per_s",
-    "throttled_minute",
-]
-
-
 def _lock_worker(claims: tokens.WorkerClaims, worker_id: int) -> Worker:
     if worker_id != claims.worker_id:
         raise wire.Forbidden("this token belongs to another worker")
-    worker = Worker.objects.select_for_update().filter(pk=worker_id).first()
+    worker = workers.lock(worker_id)
     if worker is None or worker.customer_id != claims.customer_id:
         raise wire.Forbidden("this token does not allow this worker")
     return worker

@@ -1,7 +1,8 @@
 """The recipient queue: every set-based statement on recipients — claim, record, release, count.
 
-Never a statement per recipient. PostgreSQL claims with `FOR UPDATE SKIP LOCKED` on a keyset (id
-past the message's claim cursor) and records through `UPDATE … FROM jsonb_to_recordset(…)`.
+Never a statement per recipient. The hot path's statements are SQL, each checked against the ORM
+in tests/sending/test_statements.py. PostgreSQL claims with `FOR UPDATE SKIP LOCKED` on a keyset
+(id past the message's claim cursor) and records through `UPDATE … FROM jsonb_to_recordset(…)`.
 SQLite, the embedded default, runs the same shape of statements without row locks (its writers
 are serialized) and reads the rows to record from `json_each`.
 """
@@ -192,13 +193,16 @@ def move_cursors(ahead: Ahead) -> None:
     holds that lock while it cancels the message's queued rows, which would wait for ours.
     Written only if no other check-in moved it since it was read.
     """
-    for message in ahead.messages:
-        position = ahead.positions.get(message.pk)
-        if position is None or position == message.claim_after:
-            continue
-        Message.objects.filter(pk=message.pk, claim_after=message.claim_after).update(
-            claim_after=position
-        )
+    table = connection.ops.quote_name(Message._meta.db_table)
+    with connection.cursor() as cursor:
+        for message in ahead.messages:
+            position = ahead.positions.get(message.pk)
+            if position is None or position == message.claim_after:
+                continue
+            cursor.execute(
+                f"UPDATE {table} SET claim_after = %s WHERE id = %s AND claim_after = %s",  # noqa: S608
+                [position, message.pk, message.claim_after],
+            )
 
 
 def count_backlog(
@@ -229,15 +233,21 @@ def count_backlog(
             )
         )
     exact_up_to = limits.batch_size * (limits.max_workers + 1)
+    # Only the ids, so the count is answered from the claim index alone.
+    sql = f"""SELECT COUNT(*) FROM (
+            SELECT id FROM {Recipient._meta.db_table}
+            WHERE message_id = %s AND status = %s AND id > %s ORDER BY id LIMIT %s
+        ) AS ahead"""  # noqa: S608 - table name only
     counted = 0
-    for from_cursor in (True, False):
-        counted = 0
-        for message in messages:
-            after = cursors.get(message.pk, message.claim_after) if from_cursor else 0
-            ahead = Recipient.objects.filter(message_id=message.pk, status=QUEUED, id__gt=after)
-            counted += ahead.order_by("id")[: exact_up_to + 1 - counted].count()
-            if counted > exact_up_to:
-                return max(counted, limits.per_minute + 1)
+    with connection.cursor() as cursor:
+        for from_cursor in (True, False):
+            counted = 0
+            for message in messages:
+                after = cursors.get(message.pk, message.claim_after) if from_cursor else 0
+                cursor.execute(sql, [message.pk, QUEUED, after, exact_up_to + 1 - counted])
+                counted += cursor.fetchone()[0]
+                if counted > exact_up_to:
+                    return max(counted, limits.per_minute + 1)
     return counted
 
 
