@@ -175,9 +175,8 @@ def _create_message(customer_id: int, n: int, *, status: str, label: str) -> int
 
 
 # Every table a check-in writes. Each run leaves thousands of dead leases and worker versions;
-# where autovacuum is off (it is on this development machine), they pile up across runs and every
-# lease lookup walks them (measured: 75,000 dead leases after a day's runs, and the next run
-# about 2,000 recipients/s slower until they were vacuumed).
+# where autovacuum lags, they pile up across runs and every lease lookup walks them, so runs would
+# not start from the same tables (docs/benchmarks.md).
 VACUUMED_TABLES = (
     "sending_recipient",
     "sending_lease",
@@ -249,9 +248,8 @@ def _freeze_gc() -> None:
     """Keep this process's garbage collector off the measurements.
 
     The load generator has Django loaded (it registers workers and makes the data). Its full
-    collections walk all of it: measured, a 40-60 ms pause every ~1.5 s that stalled all four
-    threads at once and was counted in their latencies (the raw SQL phase's p99 went from 104 ms
-    to 69 ms with this, its p50 unchanged). The server does the same at start (emailops.asgi).
+    collections walk all of it and stall all four threads at once, a pause counted in their
+    latencies (docs/benchmarks.md). The server does the same at start (emailops.asgi).
     """
     gc.collect()
     gc.freeze()

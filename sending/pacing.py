@@ -4,7 +4,8 @@ Pure Python: no Django, no I/O, no clock reads; time comes in as integer epoch m
 from the caller's rows, so every function is deterministic. `decide` grants a batch, a wait or a
 stop; `settle`, `settle_abandoned` and `apply_settlement` move budget between minutes;
 `workers_needed` sizes the pool. docs/pacing.md holds the budget rules, the assumptions (A1-A6)
-and the argument that no minute goes over the cap.
+and the argument that no minute goes over the cap. One concept, kept in one module (a little over
+400 lines): decide and settle share the terms the argument is made in.
 """
 
 from __future__ import annotations
