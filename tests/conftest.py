@@ -18,6 +18,16 @@ from django.db import connection
 UNDER_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def pytest_collection_modifyitems(items):
+    """A test that asks for a service's fixture carries its marker (`-m postgres`, `-m redis`)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "postgres" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+        if "redis_url" in fixtures:
+            item.add_marker(pytest.mark.redis)
+
+
 def _missing(reason: str):
     if UNDER_CI:
         pytest.fail(f"{reason} (CI=true: services are required)", pytrace=False)

@@ -1,25 +1,24 @@
-"""Check-ins end to end through the service and through the real HTTP views."""
+"""Check-ins through the service, and through the HTTP views as production serves them (uvicorn,
+emailops.asgi)."""
 
 import json
 
 import pytest
+import requests
 from django.core import signing
 from django.db import connection
-from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from customers.models import SendLimit, Suppression
 from sending import checkin, leases, pacing, tokens, wire
 from sending.clock import Clock, datetime_to_ms, ms_to_datetime
 from sending.models import CustomerMinute, Lease, Recipient, Worker
 from sending.wire import parse_checkin, parse_progress
-from tests.sending.support import (
-    T0,
-    WINDOW_MS,
-    call,
-    make_customer,
-    make_message,
-    report_all_sent,
-)
+from tests.factories import T0, WINDOW_MS, call, make_customer, make_message, report_all_sent
+
+# A check-in that reports a batch and is granted the next, in a minute that has its row: the same
+# at any batch size (the test below runs it at 10 and 500).
+QUERIES_PER_CHECKIN = 19
 
 
 @pytest.fixture
@@ -307,33 +306,41 @@ def fixed_clock(monkeypatch):
 
 
 @pytest.fixture
-def api(transactional_db, fixed_clock, monkeypatch):
-    # The view runs the service in a thread of its own, on its own connection, so the data must
-    # be committed to be seen, and that connection closed after each call so that the test
-    # database can be dropped at the end.
-    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+def api(asgi_server, fixed_clock):
     customer = make_customer("http-u")
     make_message(customer, 100)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     return customer, worker, token
 
 
-def post(path, body, token=None, content_type="application/json"):
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    return Client().post(f"/api/worker/v1/{path}", data, content_type=content_type, **headers)
+@pytest.fixture
+def post(asgi_server):
+    """POST to the worker API served by uvicorn; the response (requests)."""
+    session = requests.Session()
+
+    def post(path, body, token=None, content_type="application/json"):
+        headers = {"Content-Type": content_type}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = body if isinstance(body, str | bytes) else json.dumps(body)
+        return session.post(
+            f"{asgi_server.url}/api/worker/v1/{path}", data=data, headers=headers, timeout=30
+        )
+
+    yield post
+    session.close()
 
 
-def test_http_checkin_grants_and_refreshes_the_token(api):
+def test_http_checkin_grants_and_refreshes_the_token(post, api):
     _, worker, token = api
     response = post("checkin", {"worker_id": worker.pk, "seq": 1}, token)
-    assert response.status_code == 200, response.content
+    assert response.status_code == 200, response.text
     body = response.json()
     assert body["decision"] == "send" and len(body["batch"]["recipients"]) == 50
     assert tokens.verify(body["token"]) == tokens.WorkerClaims(worker.customer_id, worker.pk)
 
 
-def test_http_missing_forged_and_expired_tokens_are_401(api, settings):
+def test_http_missing_forged_and_expired_tokens_are_401(post, api, settings):
     _, worker, token = api
     body = {"worker_id": worker.pk, "seq": 1}
     assert post("checkin", body).status_code == 401
@@ -350,7 +357,7 @@ def test_http_missing_forged_and_expired_tokens_are_401(api, settings):
     assert not Lease.objects.exists()
 
 
-def test_http_another_customers_token_is_403(api):
+def test_http_another_customers_token_is_403(post, api):
     _, worker, _ = api
     other = make_customer("other-u")
     _, other_token = checkin.worker_start(customer_id=other.pk)
@@ -359,7 +366,7 @@ def test_http_another_customers_token_is_403(api):
     assert not Lease.objects.exists()
 
 
-def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
+def test_http_malformed_requests_are_400_and_say_what_is_wrong(post, api, asgi_server):
     _, worker, token = api
     response = post("checkin", "{not json", token)
     assert response.status_code == 400
@@ -379,7 +386,7 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
     assert (
         post("checkin", {"worker_id": worker.pk, "seq": 1}, token, "text/plain").status_code == 400
     )
-    assert Client().get("/api/worker/v1/checkin").status_code == 405
+    assert requests.get(f"{asgi_server.url}/api/worker/v1/checkin", timeout=30).status_code == 405
     # Past 64 bits: what the database cannot hold is refused before it gets there.
     progress = {"worker_id": worker.pk, "lease_id": 1, "started_through": 2**63}
     response = post("progress", progress, token)
@@ -392,7 +399,7 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
     assert not Lease.objects.exists()
 
 
-def test_http_report_outside_the_lease_is_409(api):
+def test_http_report_outside_the_lease_is_409(post, api):
     customer, worker, token = api
     body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
     outsider = Recipient.objects.filter(message__customer=customer, status="queued").first()
@@ -406,7 +413,7 @@ def test_http_report_outside_the_lease_is_409(api):
     assert not Recipient.objects.filter(status="sent").exists()
 
 
-def test_http_progress_is_recorded(api):
+def test_http_progress_is_recorded(post, api):
     _, worker, token = api
     body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
     lease_id = body["batch"]["lease_id"]
@@ -417,8 +424,8 @@ def test_http_progress_is_recorded(api):
     assert post("progress", progress, body["token"]).status_code == 409
 
 
-def test_http_openapi_is_served(client):
-    response = client.get("/api/worker/v1/openapi.yaml")
+def test_http_openapi_is_served(asgi_server):
+    response = requests.get(f"{asgi_server.url}/api/worker/v1/openapi.yaml", timeout=30)
     assert response.status_code == 200
     assert b"openapi: 3.0.3" in response.content
 
@@ -480,3 +487,17 @@ def test_a_throttled_worker_waits_out_its_minute_only(customer):
     assert second["decision"] == "wait"
     third = call(worker, second["token"], 3, at=T0 - 1_500 + WINDOW_MS + 300)
     assert third["decision"] == "send"
+
+
+@pytest.mark.parametrize("batch_size", [10, 500])
+def test_a_checkin_makes_as_many_queries_for_500_recipients_as_for_10(customer, batch_size):
+    """No statement per recipient: reporting a batch and getting the next one costs the same
+    number of queries whatever the batch's size."""
+    SendLimit.objects.filter(customer=customer).update(per_minute=100_000, batch_size=batch_size)
+    make_message(customer, 3 * batch_size)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    with CaptureQueriesContext(connection) as queries:
+        second = call(worker, first["token"], 2, report_all_sent(first), at=T0 + 600)
+    assert len(first["batch"]["recipients"]) == len(second["batch"]["recipients"]) == batch_size
+    assert len(queries) == QUERIES_PER_CHECKIN, [q["sql"][:80] for q in queries]

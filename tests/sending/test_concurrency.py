@@ -11,7 +11,7 @@ from sending import checkin, tokens
 from sending.clock import Clock, ms_to_datetime
 from sending.models import CustomerMinute, Recipient
 from sending.wire import parse_checkin
-from tests.sending.support import T0, make_customer, make_message, report_all_sent
+from tests.factories import T0, make_customer, make_message, report_all_sent
 
 THREADS = 8
 

@@ -11,7 +11,7 @@ from customers.models import Customer, ProviderAccount, SendLimit
 from sending import checkin, conductor, services, tasks
 from sending.clock import Clock
 from sending.models import ConductorLease, Lease, Message, Recipient, Worker
-from tests.sending.support import T0, WINDOW_MS, call, make_message
+from tests.factories import T0, WINDOW_MS, call, make_message
 
 
 class RecordingRuntime:
