@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 from cryptography.fernet import Fernet
 
-from bench.support import delete_customers, ensure_database
+from bench.support import delete_customers, ensure_database, insert_queued_recipients
 
 BATCH = 500
 WARMUP = 20
@@ -37,7 +37,6 @@ DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/emailops_bench_cpu"
 
 
 def _setup(run_id: str) -> int:
-    from django.db import connection
     from django.utils import timezone
 
     from customers.models import Customer, ProviderAccount, SendLimit
@@ -63,19 +62,7 @@ def _setup(run_id: str) -> int:
         status=Message.Status.SENDING,
         started_at=timezone.now(),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            INSERT INTO sending_recipient
-                (message_id, email, merge_data, status, attempts, provider_message_id,
-                 last_error, sent_at)
-            SELECT %s, 'r' || g || '@cpu.example', jsonb_build_object('first_name', 'S' || g),
-                   'queued', 0, '', '', NULL
-            FROM generate_series(1, %s) AS g
-            """,
-            [message.pk, (WARMUP + CHECKINS + 2) * BATCH],
-        )
-        cursor.execute("ANALYZE sending_recipient")
+    insert_queued_recipients(message.pk, (WARMUP + CHECKINS + 2) * BATCH)
     return customer.pk
 
 

@@ -63,7 +63,7 @@ from pathlib import Path
 import orjson
 from cryptography.fernet import Fernet
 
-from bench.support import delete_customers, ensure_database
+from bench.support import delete_customers, ensure_database, insert_queued_recipients
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,6 @@ def _create_customers(run_id: str) -> list[int]:
 
 def _create_message(customer_id: int, n: int, *, status: str, label: str) -> int:
     """A message with n queued recipients, inserted by one INSERT ... SELECT generate_series."""
-    from django.db import connection
     from django.utils import timezone
 
     from sending.models import Message
@@ -158,19 +157,7 @@ def _create_message(customer_id: int, n: int, *, status: str, label: str) -> int
         status=status,
         started_at=timezone.now(),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            INSERT INTO sending_recipient
-                (message_id, email, merge_data, status, attempts, provider_message_id,
-                 last_error, sent_at)
-            SELECT %s, 'r' || g || '@m' || %s || '.example',
-                   jsonb_build_object('first_name', 'Student ' || g), 'queued', 0, '', '', NULL
-            FROM generate_series(1, %s) AS g
-            """,
-            [message.pk, message.pk, n],
-        )
-        cursor.execute("ANALYZE sending_recipient")
+    insert_queued_recipients(message.pk, n)
     return message.pk
 
 
