@@ -44,9 +44,8 @@ leaves its recipient queued). The same three caps and recipient counts; the task
 at their launch; it runs for the same duration as our run took (or until every recipient is
 terminal). The baseline workers run Celery's default pool, ``--pool prefork --concurrency 4``
 each (``--baseline-pool threads``: ``--pool threads --concurrency 8``), with
-``worker_prefetch_multiplier=1`` (as the project's own Celery settings). Seen on this machine with
-either pool: Celery's rate limiting released far fewer tasks than the limit, about the same
-110-370 a minute for every customer whatever its limit; not tuned further.
+``worker_prefetch_multiplier=1`` (as the project's own Celery settings). What Celery's rate
+limiting released with either pool is in docs/benchmarks.md; it was not tuned further.
 
 Measurements (at the sandbox: ``GET /_sandbox/report``, per API key, per calendar minute)
 ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Pacing benchmark: ``python -m bench.pacing``.
 
-Simulates every cell of caps x max_workers with ``sending.simulator`` (virtual time), once with
+Simulates every cell of caps x max_workers with ``bench.simulator`` (virtual time), once with
 the pacing core and once with the per-worker token-bucket baseline, and prints a table and, as
 the last line, one JSON object.
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sending.simulator import SimConfig, SimResult, simulate, simulate_baseline
+from bench.simulator import SimConfig, SimResult, simulate, simulate_baseline
 
 CAPS = (60, 600, 4_500, 60_000)
 WORKERS = (1, 3, 5, 20)

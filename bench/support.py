@@ -1,4 +1,5 @@
-"""What the benchmarks share: their database, and deleting the customers they made."""
+"""What the benchmarks share: their database, recipients made in bulk, and deleting the customers
+they made."""
 
 
 def delete_customers(*, slug_prefix: str, account_prefix: str, customer_ids=None) -> None:
@@ -60,3 +61,22 @@ def ensure_database() -> None:
     with psycopg.connect(**params, dbname="postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
     print(f"created database {db['NAME']}", flush=True)
+
+
+def insert_queued_recipients(message_id: int, n: int) -> None:
+    """n queued recipients for the message, by one INSERT ... SELECT generate_series, analyzed."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO sending_recipient
+                (message_id, email, merge_data, status, attempts, provider_message_id,
+                 last_error, sent_at)
+            SELECT %s, 'r' || g || '@m' || %s || '.example',
+                   jsonb_build_object('first_name', 'Student ' || g), 'queued', 0, '', '', NULL
+            FROM generate_series(1, %s) AS g
+            """,
+            [message_id, message_id, n],
+        )
+        cursor.execute("ANALYZE sending_recipient")

@@ -63,7 +63,7 @@ from pathlib import Path
 import orjson
 from cryptography.fernet import Fernet
 
-from bench.support import delete_customers, ensure_database
+from bench.support import delete_customers, ensure_database, insert_queued_recipients
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,6 @@ def _create_customers(run_id: str) -> list[int]:
 
 def _create_message(customer_id: int, n: int, *, status: str, label: str) -> int:
     """A message with n queued recipients, inserted by one INSERT ... SELECT generate_series."""
-    from django.db import connection
     from django.utils import timezone
 
     from sending.models import Message
@@ -158,26 +157,13 @@ def _create_message(customer_id: int, n: int, *, status: str, label: str) -> int
         status=status,
         started_at=timezone.now(),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            INSERT INTO sending_recipient
-                (message_id, email, merge_data, status, attempts, provider_message_id,
-                 last_error, sent_at)
-            SELECT %s, 'r' || g || '@m' || %s || '.example',
-                   jsonb_build_object('first_name', 'Student ' || g), 'queued', 0, '', '', NULL
-            FROM generate_series(1, %s) AS g
-            """,
-            [message.pk, message.pk, n],
-        )
-        cursor.execute("ANALYZE sending_recipient")
+    insert_queued_recipients(message.pk, n)
     return message.pk
 
 
 # Every table a check-in writes. Each run leaves thousands of dead leases and worker versions;
-# where autovacuum is off (it is on this development machine), they pile up across runs and every
-# lease lookup walks them (measured: 75,000 dead leases after a day's runs, and the next run
-# about 2,000 recipients/s slower until they were vacuumed).
+# where autovacuum lags, they pile up across runs and every lease lookup walks them, so runs would
+# not start from the same tables (docs/benchmarks.md).
 VACUUMED_TABLES = (
     "sending_recipient",
     "sending_lease",
@@ -249,9 +235,8 @@ def _freeze_gc() -> None:
     """Keep this process's garbage collector off the measurements.
 
     The load generator has Django loaded (it registers workers and makes the data). Its full
-    collections walk all of it: measured, a 40-60 ms pause every ~1.5 s that stalled all four
-    threads at once and was counted in their latencies (the raw SQL phase's p99 went from 104 ms
-    to 69 ms with this, its p50 unchanged). The server does the same at start (emailops.asgi).
+    collections walk all of it and stall all four threads at once, a pause counted in their
+    latencies (docs/benchmarks.md). The server does the same at start (emailops.asgi).
     """
     gc.collect()
     gc.freeze()
@@ -536,7 +521,7 @@ def _raw_step_factory():
             now_ms = time.time_ns() // 1_000_000
             queue.record(
                 [
-                    queue.Outcome(
+                    queue.StatusChange(
                         c.id,
                         queue.SENT,
                         provider_id=f"sim-{c.id}",

@@ -1,3 +1,5 @@
+"""The customers app: colleges, their send limits, provider accounts and suppressions."""
+
 from django.apps import AppConfig
 
 

@@ -1,3 +1,6 @@
+"""Who sends and how fast: Customer, SendLimit (history kept), ProviderAccount (credentials
+encrypted), Suppression."""
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator

@@ -1,3 +1,6 @@
+"""The ASGI entry point production serves (uvicorn): the site, and the worker API routed to a
+handler of its own (emailops.handlers)."""
+
 import gc
 import os
 

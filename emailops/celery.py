@@ -1,3 +1,5 @@
+"""The Celery app, configured from Django's settings (CELERY_*), finding each app's tasks."""
+
 import os
 
 from celery import Celery

@@ -2,7 +2,7 @@
 middleware.
 
 Under ASGI, Django runs each sync middleware hook in a thread: the site's chain (sessions, CSRF,
-auth, messages, …) costs 16 thread hops per request, measured, before the view runs. Workers check
+auth, messages, …) costs a thread hop per hook and request before the view runs. Workers check
 in several times a second, and none of that chain serves them: they carry a bearer token, not a
 session or a CSRF cookie, and read JSON, not pages. Their requests keep what does apply to them:
 SecurityMiddleware (HTTPS redirect and headers), run on the event loop, and the ALLOWED_HOSTS

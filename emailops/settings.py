@@ -186,6 +186,13 @@ AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 CONDUCTOR_TICK_MS = env.int("CONDUCTOR_TICK_MS", default=500)
 CONDUCTOR_LEASE_S = env.float("CONDUCTOR_LEASE_S", default=5)
 WATCHDOG_S = env.float("WATCHDOG_S", default=2)
+# A tick starts at most this many workers (the rest follow on later ticks).
+CONDUCTOR_MAX_STARTS_PER_TICK = env.int("CONDUCTOR_MAX_STARTS_PER_TICK", default=3)
+# A worker that has not checked in this long after it was started is lost.
+WORKER_START_TIMEOUT_S = env.float("WORKER_START_TIMEOUT_S", default=60)
+# How long a worker takes from invocation to its first check-in (a cold start included): this
+# close to the next minute, a worker is started even if this minute's budget is spent.
+WORKER_WARMUP_MS = env.int("WORKER_WARMUP_MS", default=3_000)
 CELERY_BEAT_SCHEDULE = {
     "watchdog": {"task": "sending.tasks.watchdog", "schedule": WATCHDOG_S},
 }

@@ -1,3 +1,5 @@
+"""The site's URLs: the admin and the worker API."""
+
 from django.contrib import admin
 from django.urls import include, path
 

@@ -14,8 +14,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import checkin as service
-from . import protocol, tokens
+from . import checkin as checkin_service
+from . import leases, tokens, wire
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -41,13 +41,13 @@ def _claims(request: HttpRequest) -> tokens.WorkerClaims:
 
 def _body(request: HttpRequest):
     if request.content_type != "application/json":
-        raise protocol.BadRequest(["Content-Type must be application/json"])
+        raise wire.BadRequest(["Content-Type must be application/json"])
     if len(request.body) > MAX_BODY_BYTES:
-        raise protocol.BadRequest([f"body is larger than {MAX_BODY_BYTES} bytes"])
+        raise wire.BadRequest([f"body is larger than {MAX_BODY_BYTES} bytes"])
     try:
         return orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
-        raise protocol.BadRequest([f"body is not valid JSON: {exc}"]) from exc
+        raise wire.BadRequest([f"body is not valid JSON: {exc}"]) from exc
 
 
 def _in_thread(func, *args, **kwargs):
@@ -67,18 +67,18 @@ async def _handle(request: HttpRequest, parse, call) -> HttpResponse:
         return _error(401, f"Unauthorized: {exc}")
     try:
         parsed = parse(_body(request))
-    except protocol.BadRequest as exc:
+    except wire.BadRequest as exc:
         return _error(400, "Bad request", exc.problems)
     try:
         result = await sync_to_async(_in_thread, thread_sensitive=False)(call, claims, parsed)
-    except service.Forbidden as exc:
+    except wire.Forbidden as exc:
         return _error(403, f"Forbidden: {exc}")
-    except service.Conflict as exc:
+    except wire.Conflict as exc:
         return _error(409, f"Conflict: {exc}")
     if result is None:
         return HttpResponse(status=204)
-    # orjson: a batch's answer carries hundreds of recipients, and the standard encoder took
-    # several times as long.
+    # orjson: a batch's answer carries hundreds of recipients (and embeds their merge data as
+    # pre-serialized JSON, orjson.Fragment).
     return HttpResponse(orjson.dumps(result), content_type="application/json")
 
 
@@ -87,8 +87,8 @@ async def _handle(request: HttpRequest, parse, call) -> HttpResponse:
 async def checkin(request: HttpRequest) -> HttpResponse:
     return await _handle(
         request,
-        protocol.parse_checkin,
-        lambda claims, parsed: service.checkin(claims=claims, request=parsed),
+        wire.parse_checkin,
+        lambda claims, parsed: checkin_service.checkin(claims=claims, request=parsed),
     )
 
 
@@ -97,8 +97,8 @@ async def checkin(request: HttpRequest) -> HttpResponse:
 async def progress(request: HttpRequest) -> HttpResponse:
     return await _handle(
         request,
-        protocol.parse_progress,
-        lambda claims, parsed: service.progress(claims=claims, request=parsed),
+        wire.parse_progress,
+        lambda claims, parsed: leases.record_progress(claims=claims, request=parsed),
     )
 
 

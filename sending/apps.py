@@ -1,3 +1,5 @@
+"""The sending app: messages, recipients and the engine that sends them."""
+
 from django.apps import AppConfig
 
 

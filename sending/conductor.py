@@ -28,26 +28,27 @@ from django.db.models import Avg, Count, Exists, OuterRef, Q
 
 from customers.models import SendLimit
 
-from . import checkin, pacing, services
-from .checkin import Clock
-from .models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
+from . import checkin, leases, ledger, pacing, queue
+from .clock import Clock, ms_to_datetime
+from .models import ConductorLease, Lease, Message, Recipient, Worker
+from .runtimes import get_runtime, worker_api_url
 
 log = logging.getLogger(__name__)
 
 
 def lease_seconds() -> float:
-    return float(getattr(settings, "CONDUCTOR_LEASE_S", 5))
+    return float(settings.CONDUCTOR_LEASE_S)
 
 
 def tick_seconds() -> float:
-    return float(getattr(settings, "CONDUCTOR_TICK_MS", 500)) / 1000
+    return settings.CONDUCTOR_TICK_MS / 1000
 
 
 def group_name(customer_id: int) -> str:
     return f"customer-{customer_id}"
 
 
-def acquire(*, customer_id: int, holder: str, clock: Clock | None = None) -> bool:
+def acquire_lease(*, customer_id: int, holder: str, clock: Clock | None = None) -> bool:
     """Take or renew the customer's conductor lease for `holder`; False if another chain has it."""
     now = (clock or Clock.read()).now
     ConductorLease.objects.get_or_create(customer_id=customer_id)
@@ -65,7 +66,8 @@ def acquire(*, customer_id: int, holder: str, clock: Clock | None = None) -> boo
     return taken == 1
 
 
-def release(*, customer_id: int, holder: str) -> None:
+def release_lease(*, customer_id: int, holder: str) -> None:
+    """Give the customer's conductor lease up, if `holder` still has it."""
     ConductorLease.objects.filter(customer_id=customer_id, holder=holder).update(
         holder="", expires_at=None
     )
@@ -99,7 +101,7 @@ class TickReport:
 def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
     clock = clock or Clock.read()
     report = TickReport(customer_id=customer_id)
-    report.reclaimed = checkin.reclaim_overdue_leases(clock=clock, customer_id=customer_id)
+    report.reclaimed = leases.reclaim_overdue(clock=clock, customer_id=customer_id)
     report.lost = mark_lost_workers(customer_id=customer_id, clock=clock)
     report.completed = complete_finished_messages(customer_id=customer_id, clock=clock)
     cancel_leftovers(customer_id=customer_id)
@@ -124,7 +126,7 @@ def mark_lost_workers(*, customer_id: int, clock: Clock) -> int:
     now = clock.now
     window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
     quiet_after = window + timedelta(seconds=10)
-    start_timeout = timedelta(seconds=float(getattr(settings, "WORKER_START_TIMEOUT_S", 60)))
+    start_timeout = timedelta(seconds=settings.WORKER_START_TIMEOUT_S)
     return (
         Worker.objects.filter(customer_id=customer_id)
         .filter(
@@ -158,27 +160,23 @@ def cancel_leftovers(*, customer_id: int) -> int:
     cancelled = Message.objects.filter(
         Exists(queued), customer_id=customer_id, status=Message.Status.CANCELLED
     ).values_list("pk", flat=True)
-    return services.cancel_queued(message_ids=list(cancelled))
+    return queue.cancel_queued(message_ids=list(cancelled))
 
 
 def start_workers(*, customer_id: int, clock: Clock, runtime=None) -> list[int]:
     """Start workers while work fits this minute and fewer than needed are running."""
-    send_limit = SendLimit.objects.get(customer_id=customer_id)
-    limits = checkin.limits_for(send_limit)
+    limits = ledger.read_limits(customer_id)
     if limits.paused:
         return []
     live = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES)
     stats = live.aggregate(n=Count("id"), rate=Avg("rate_per_s"))
-    backlog = checkin.backlog_for(customer_id=customer_id, limits=limits)
+    backlog = queue.count_backlog(customer_id=customer_id, limits=limits)
     needed = pacing.workers_needed(
         limits=limits, backlog=backlog, rate_per_worker_per_s=stats["rate"]
     )
-    to_start = min(needed - stats["n"], int(getattr(settings, "CONDUCTOR_MAX_STARTS_PER_TICK", 3)))
+    to_start = min(needed - stats["n"], settings.CONDUCTOR_MAX_STARTS_PER_TICK)
     if to_start <= 0 or not _work_fits(customer_id=customer_id, limits=limits, clock=clock):
         return []
-
-    from .runtimes import get_runtime, worker_api_url
-
     runtime = runtime or get_runtime()
     api_url = worker_api_url()
     started = []
@@ -197,11 +195,9 @@ def _work_fits(*, customer_id: int, limits: pacing.Limits, clock: Clock) -> bool
     now (cold start included) arrives in time for it."""
     minute_ms = pacing.minute_start(clock.now_ms, limits.window_ms)
     until_next = minute_ms + limits.window_ms - clock.now_ms
-    if until_next <= int(getattr(settings, "WORKER_WARMUP_MS", 3000)):
+    if until_next <= settings.WORKER_WARMUP_MS:
         return True
-    row = CustomerMinute.objects.filter(
-        customer_id=customer_id, minute_start=checkin.ms_to_datetime(minute_ms)
-    ).first()
+    row = ledger.minute(customer_id, ms_to_datetime(minute_ms))
     return row is None or row.charged < limits.per_minute
 
 
@@ -209,9 +205,7 @@ def sample(*, customer_id: int, clock: Clock) -> dict:
     """A live sample for the operators' charts: this minute against the cap, workers, progress."""
     send_limit = SendLimit.objects.get(customer_id=customer_id)
     minute_ms = pacing.minute_start(clock.now_ms, settings.SEND_WINDOW_MS)
-    row = CustomerMinute.objects.filter(
-        customer_id=customer_id, minute_start=checkin.ms_to_datetime(minute_ms)
-    ).first()
+    row = ledger.minute(customer_id, ms_to_datetime(minute_ms))
     workers = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
     counts = dict(
         Recipient.objects.filter(

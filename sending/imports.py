@@ -11,6 +11,9 @@ addresses seen is held in memory. If any row is bad the transaction rolls back a
 
 Duplicates (letter case ignored) of an earlier line or of a recipient already on the message are
 skipped and reported, not rejected.
+
+One module for one concept: checking a row and writing it are one pass over the file, which
+reads worse split across modules than kept together (a little over 400 lines).
 """
 
 import csv

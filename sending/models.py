@@ -1,3 +1,6 @@
+"""What is sent and the engine's state: Message, Recipient, Worker, Lease, CustomerMinute,
+ConductorLease."""
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -301,7 +304,6 @@ class ConductorLease(models.Model):
     holder = models.CharField(max_length=64, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    ticks = models.PositiveBigIntegerField(default=0)
 
     def __str__(self):
         return f"conductor of {self.customer_id}: {self.holder or 'none'}"

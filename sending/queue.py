@@ -1,20 +1,21 @@
-"""The recipient queue's hot path: claim, record, reclaim. One statement each, never one per row.
+"""The recipient queue: every set-based statement on recipients — claim, record, release, count.
 
-PostgreSQL claims with `FOR UPDATE SKIP LOCKED` on a keyset (id > the message's claim cursor)
-and records through `UPDATE … FROM jsonb_to_recordset(…)`. SQLite, the embedded default, runs the
-same shape of statements without row locks (its writers are serialized) and reads the rows to
-record from `json_each`.
+Never a statement per recipient. The hot path's statements are SQL, each checked against the ORM
+in tests/sending/test_statements.py. PostgreSQL claims with `FOR UPDATE SKIP LOCKED` on a keyset
+(id past the message's claim cursor) and records through `UPDATE … FROM jsonb_to_recordset(…)`.
+SQLite, the embedded default, runs the same shape of statements without row locks (its writers
+are serialized) and reads the rows to record from `json_each`.
 """
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from django.db import connection
 from django.db.models import Case, F, Value, When
 
-from .models import Recipient
+from . import pacing
+from .models import Message, Recipient
 
 QUEUED = Recipient.Status.QUEUED.value
 LEASED = Recipient.Status.LEASED.value
@@ -33,10 +34,6 @@ class Claimed:
     email: str
     merge_json: str  # the recipient's merge data as JSON text, passed on to the worker unparsed
 
-    @property
-    def merge_data(self) -> dict:
-        return json.loads(self.merge_json)
-
 
 @dataclass(frozen=True)
 class ClaimResult:
@@ -47,12 +44,12 @@ class ClaimResult:
 
 
 @dataclass(slots=True)
-class Outcome:
-    """What to write for one recipient of a lease.
+class StatusChange:
+    """What `record` writes for one recipient of a lease.
 
-    Not frozen: a check-in makes one per recipient, and a frozen dataclass's `__init__` costs
-    twice as much. `record` serializes these fields by name (orjson), so they are the columns of
-    its JSON parameter.
+    Not frozen: a check-in makes one per recipient, and a frozen dataclass's `__init__` is
+    slower. `record` serializes these fields by name, so they are the columns of its JSON
+    parameter.
     """
 
     id: int
@@ -67,6 +64,16 @@ def _is_postgres() -> bool:
     return connection.vendor == "postgresql"
 
 
+def sending_messages(customer_id: int) -> list[Message]:
+    """The customer's messages that are sending, oldest-started first (the order they are
+    served in), with what a grant's answer needs of the customer."""
+    return list(
+        Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
+        .select_related("customer__provider_account")
+        .order_by("started_at", "id")
+    )
+
+
 def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> ClaimResult:
     """Take up to `limit` queued recipients of a message with id > after_id, oldest first.
 
@@ -74,10 +81,10 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     are not leased.
     """
     if _is_postgres():
-        # The picked rows are found again by their physical address (a TID scan), not by 500
-        # primary-key lookups: measured, 5.2 ms instead of 6.6 ms per 500. The address is that of
-        # the version the lock was taken on (a row updated meanwhile is followed to its newest
-        # version and checked again), and the lock keeps it from moving until the UPDATE.
+        # The UPDATE finds the picked rows again by their physical address (a TID scan) rather
+        # than by primary key. The address is that of the version the lock was taken on (a row
+        # updated meanwhile is followed to its newest version and checked again), and the lock
+        # keeps it from moving until the UPDATE.
         lock, key, picked = (
             "FOR UPDATE SKIP LOCKED",
             "ctid",
@@ -116,16 +123,143 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     return ClaimResult(leased=leased, suppressed=suppressed, scanned=len(rows), last_id=last_id)
 
 
-def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
+def claim_from(message: Message, wanted: int, after: int) -> tuple[list[Claimed], int]:
+    """Claim from one message past the cursor `after`; rescan once from the start when the
+    cursor reaches the end, so recipients returned to the queue are found again. Returns what was
+    claimed and where the claim got to (the message's next cursor)."""
+    leased: list[Claimed] = []
+    started_at = after
+    for attempt in range(2):
+        while len(leased) < wanted:
+            need = wanted - len(leased)
+            result = claim(
+                customer_id=message.customer_id, message_id=message.pk, after_id=after, limit=need
+            )
+            leased += result.leased
+            after = result.last_id
+            if result.scanned < need:
+                break  # this pass reached the end of the queue
+        if len(leased) >= wanted or attempt == 1 or started_at == 0:
+            break
+        after = 0
+    return leased, after
+
+
+@dataclass
+class Ahead:
+    """Recipients a check-in claimed before taking its customer's lock, and the messages they
+    came from.
+
+    `claimed` is in claim order (oldest-started message first). Each message's `claim_after` is
+    as read; where each claim pass got to is kept in `positions`, and stored on the messages
+    after the check-in's commit (`move_cursors`).
+    """
+
+    messages: list[Message]
+    claimed: list[Claimed] = field(default_factory=list)
+    positions: dict[int, int] = field(default_factory=dict)  # message id -> cursor to store
+
+    def claim(self, wanted: int) -> None:
+        """Claim up to `wanted` in all, message by message in the order they are served."""
+        for message in self.messages:
+            need = wanted - len(self.claimed)
+            if need <= 0:
+                break
+            after = self.positions.get(message.pk, message.claim_after)
+            taken, self.positions[message.pk] = claim_from(message, need, after)
+            self.claimed += taken
+
+    def give_back(self, keep: int) -> list[Claimed]:
+        """Keep the first `keep` claimed recipients and return the rest to the queue (one
+        statement), moving each message's cursor back to before the first one returned, so they
+        are first in line for the next claim."""
+        kept, surplus = self.claimed[:keep], self.claimed[keep:]
+        if surplus:
+            release([c.id for c in surplus], status=QUEUED)
+            for c in surplus:
+                position = self.positions.get(c.message_id, c.id)
+                self.positions[c.message_id] = min(position, c.id - 1)
+        self.claimed = kept
+        return kept
+
+
+def move_cursors(ahead: Ahead) -> None:
+    """Store where the claims got to in each message; run after the check-in's commit.
+
+    The cursor is where the next claim starts looking, not what makes a claim exclusive (leased
+    rows are not queued, and rows being claimed are locked), so a cursor read stale costs a claim
+    only a walk over entries it skips. It is written outside the check-in's transaction, which
+    then never waits for a message's row lock while holding claimed rows: an operator's cancel
+    holds that lock while it cancels the message's queued rows, which would wait for ours.
+    Written only if no other check-in moved it since it was read.
+    """
+    table = connection.ops.quote_name(Message._meta.db_table)
+    with connection.cursor() as cursor:
+        for message in ahead.messages:
+            position = ahead.positions.get(message.pk)
+            if position is None or position == message.claim_after:
+                continue
+            cursor.execute(
+                f"UPDATE {table} SET claim_after = %s WHERE id = %s AND claim_after = %s",  # noqa: S608
+                [position, message.pk, message.claim_after],
+            )
+
+
+def count_backlog(
+    *,
+    customer_id: int,
+    limits: pacing.Limits,
+    messages: list[Message] | None = None,
+    cursors: dict[int, int] | None = None,
+) -> int:
+    """Queued recipients of the customer's sending messages, for pacing decisions.
+
+    Counted exactly up to a pool's worth of batches; past that it is reported as at least a
+    minute's cap. Pacing needs the backlog exactly only when it is small (the last batches,
+    `Stop(done)`); above, it needs to know it is at least what a minute can send. An estimate on
+    the high side there keeps a worker a little longer near the end, never one too few.
+
+    The count walks the claim index from each message's claim cursor: the entries behind a cursor
+    belong to recipients already taken (dead until vacuum, yet each one is visited by a count
+    from the start). Only when what lies ahead of the cursors is within the exact range are the
+    recipients returned to the queue behind them counted too. `cursors` (message id -> cursor)
+    overrides the messages' own: a check-in counts from where its own claim got to.
+    """
+    cursors = cursors or {}
+    if messages is None:  # only the ids and cursors are needed here
+        messages = list(
+            Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING).only(
+                "id", "claim_after"
+            )
+        )
+    exact_up_to = limits.batch_size * (limits.max_workers + 1)
+    # Only the ids, so the count is answered from the claim index alone.
+    sql = f"""SELECT COUNT(*) FROM (
+            SELECT id FROM {Recipient._meta.db_table}
+            WHERE message_id = %s AND status = %s AND id > %s ORDER BY id LIMIT %s
+        ) AS ahead"""  # noqa: S608 - table name only
+    counted = 0
+    with connection.cursor() as cursor:
+        for from_cursor in (True, False):
+            counted = 0
+            for message in messages:
+                after = cursors.get(message.pk, message.claim_after) if from_cursor else 0
+                cursor.execute(sql, [message.pk, QUEUED, after, exact_up_to + 1 - counted])
+                counted += cursor.fetchone()[0]
+                if counted > exact_up_to:
+                    return max(counted, limits.per_minute + 1)
+    return counted
+
+
+def record(changes: Sequence[StatusChange], *, max_attempts: int) -> int:
     """Write a lease's outcomes in one statement; rows no longer leased keep what they have.
 
     The rows are found by primary key only, and "still leased" is checked per row inside the SET,
     not in the WHERE: leased rows are a sliver of the table that statistics never see, so a
     `status = 'leased'` filter makes the planner expect one row, scan the table for it and loop
-    over the batch for each row found (measured: 620 ms for 500 rows of a 60,000-row table).
-    Returns the number of rows matched.
+    over the batch for each row found. Returns the number of rows matched.
     """
-    if not outcomes:
+    if not changes:
         return 0
     # LEASED is a constant of ours, inlined so each guard needs no parameter of its own.
     leased = f"r.status = '{LEASED}'"
@@ -149,10 +283,8 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
         last_error = {guarded("COALESCE(NULLIF(u.error, ''), r.last_error)", "r.last_error")},
         sent_at = {guarded("COALESCE(u.sent_at, r.sent_at)", "r.sent_at")}
     """
-    # The outcomes travel as one JSON text, not one array per column: psycopg quotes array
-    # elements one by one in Python (measured: 0.7 ms more per 500 rows than one JSON text).
-    # orjson writes the dataclasses as they are (0.07 ms per 500 against 0.6 ms for building
-    # dicts and the standard encoder).
+    # The changes travel as one JSON text (orjson writes the dataclasses as they are), not one
+    # array per column: psycopg quotes array elements one by one in Python.
     if _is_postgres():
         rows_sql = """(
                 SELECT id, status, provider_id, error, attempted::int AS attempted,
@@ -175,7 +307,7 @@ def record(outcomes: Sequence[Outcome], *, max_attempts: int) -> int:
         FROM {rows_sql}
         WHERE r.id = u.id
     """  # noqa: S608 - constant SQL fragments only
-    params = [*status_params, orjson.dumps(outcomes).decode()]
+    params = [*status_params, orjson.dumps(changes).decode()]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
@@ -192,3 +324,16 @@ def release(ids: Sequence[int], *, status: str) -> int:
     return Recipient.objects.filter(id__in=list(ids)).update(
         status=Case(When(status=LEASED, then=Value(status)), default=F("status"))
     )
+
+
+def cancel_queued(*, message_ids: Sequence[int]) -> int:
+    """Cancel the queued recipients of these messages (one statement); returns how many."""
+    return Recipient.objects.filter(
+        message_id__in=list(message_ids), status=Recipient.Status.QUEUED
+    ).update(status=Recipient.Status.CANCELLED)
+
+
+def in_order(ids: Sequence[int]) -> list[Recipient]:
+    """These recipients, in the order given (a lease's order)."""
+    rows = Recipient.objects.in_bulk(list(ids))
+    return [rows[i] for i in ids]

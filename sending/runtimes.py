@@ -31,27 +31,24 @@ from . import worker as worker_module
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKER_API_URL = "http://127.0.0.1:8000/api/worker/v1/"
 KEEP_FINISHED = 100  # finished local invocations kept for inspection
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 def worker_api_url() -> str:
     """Where workers reach the worker API (WORKER_API_URL)."""
-    return getattr(settings, "WORKER_API_URL", DEFAULT_WORKER_API_URL)
+    return settings.WORKER_API_URL
 
 
 def get_runtime() -> Runtime:
-    kind = getattr(settings, "WORKER_RUNTIME", "local")
+    kind = settings.WORKER_RUNTIME
     if kind == "local":
         return LocalRuntime(
-            mode=getattr(settings, "LOCAL_WORKER_MODE", "thread"),
-            timeout_s=float(getattr(settings, "LOCAL_WORKER_TIMEOUT_S", 60)),
+            mode=settings.LOCAL_WORKER_MODE, timeout_s=float(settings.LOCAL_WORKER_TIMEOUT_S)
         )
     if kind == "lambda":
         return LambdaRuntime(
-            function_name=getattr(settings, "LAMBDA_FUNCTION_NAME", ""),
-            region=getattr(settings, "AWS_REGION", None) or None,
+            function_name=settings.LAMBDA_FUNCTION_NAME, region=settings.AWS_REGION or None
         )
     raise ImproperlyConfigured(f"WORKER_RUNTIME must be 'local' or 'lambda', not {kind!r}")
 

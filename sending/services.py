@@ -8,14 +8,18 @@ commit.
 import logging
 from datetime import datetime
 
+from celery import current_app
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from . import queue
 from .models import Message, Recipient
 
 log = logging.getLogger(__name__)
+
+CONDUCT_TASK = "sending.tasks.conduct"
 
 
 def _check(user, perm: str) -> None:
@@ -55,9 +59,11 @@ def _record(message: Message, user, text: str) -> None:
 
 
 def _kick(customer_id: int) -> None:
-    from .tasks import conduct
+    """Enqueue a conductor tick for the customer once the transaction commits.
 
-    transaction.on_commit(lambda: conduct.delay(customer_id))
+    By the task's name: this layer does not import the task adapters (sending/tasks.py).
+    """
+    transaction.on_commit(lambda: current_app.send_task(CONDUCT_TASK, args=(customer_id,)))
 
 
 def _check_sendable(message: Message) -> None:
@@ -170,12 +176,6 @@ def message_cancel(*, message_id: int, user=None) -> int:
     )
     message.completed_at = timezone.now()
     message.save(update_fields=["status", "completed_at", "updated_at"])
-    cancelled = cancel_queued(message_ids=[message.pk])
+    cancelled = queue.cancel_queued(message_ids=[message.pk])
     _record(message, user, f"Cancelled ({cancelled} recipients not sent)")
     return cancelled
-
-
-def cancel_queued(*, message_ids) -> int:
-    return Recipient.objects.filter(
-        message_id__in=message_ids, status=Recipient.Status.QUEUED
-    ).update(status=Recipient.Status.CANCELLED)

@@ -18,11 +18,11 @@ def conduct(customer_id: int, holder: str | None = None) -> str:
     crash runs again, or finds the lease held by the chain that replaced it and stops.
     """
     holder = holder or uuid.uuid4().hex
-    if not conductor.acquire(customer_id=customer_id, holder=holder):
+    if not conductor.acquire_lease(customer_id=customer_id, holder=holder):
         return "held by another conductor"
     report = conductor.tick(customer_id=customer_id)
     if not report.sending:
-        conductor.release(customer_id=customer_id, holder=holder)
+        conductor.release_lease(customer_id=customer_id, holder=holder)
         return "idle"
     conduct.apply_async((customer_id, holder), countdown=conductor.tick_seconds())
     return "ticked"

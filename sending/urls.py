@@ -1,3 +1,5 @@
+"""The worker API's URLs (mounted at /api/worker/v1/); view and URL names are its contract."""
+
 from django.urls import path
 
 from . import api

@@ -18,6 +18,16 @@ from django.db import connection
 UNDER_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def pytest_collection_modifyitems(items):
+    """A test that asks for a service's fixture carries its marker (`-m postgres`, `-m redis`)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "postgres" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+        if "redis_url" in fixtures:
+            item.add_marker(pytest.mark.redis)
+
+
 def _missing(reason: str):
     if UNDER_CI:
         pytest.fail(f"{reason} (CI=true: services are required)", pytrace=False)
@@ -44,6 +54,39 @@ def redis_url():
     except redis.ConnectionError as exc:
         _missing(f"Redis at {url} is not answering: {exc}")
     return url
+
+
+class EnqueuedTasks:
+    """The default Celery queue of this process's broker (in-memory, or Redis with REDIS_URL),
+    read back: what the code under test really enqueued."""
+
+    def __init__(self, connection):
+        from emailops.celery import app
+
+        self._queue = app.amqp.queues[app.conf.task_default_queue](connection.default_channel)
+        self._queue.declare()
+        self._queue.purge()
+
+    def take(self) -> list[tuple[str, list]]:
+        """(task name, args) of every message on the queue, oldest first; they are consumed."""
+        taken = []
+        while (message := self._queue.get(no_ack=True)) is not None:
+            args, _kwargs, _embed = message.decode()
+            taken.append((message.headers["task"], list(args)))
+        return taken
+
+    def purge(self) -> None:
+        self._queue.purge()
+
+
+@pytest.fixture
+def enqueued_tasks():
+    from emailops.celery import app
+
+    with app.connection_for_write() as connection:
+        tasks = EnqueuedTasks(connection)
+        yield tasks
+        tasks.purge()
 
 
 @pytest.fixture(autouse=True)

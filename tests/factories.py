@@ -1,12 +1,21 @@
-"""Test data. A CustomerFactory customer gets its SendLimit the way the product creates one."""
+"""Test data, in one place: factory_boy factories (a CustomerFactory customer gets its SendLimit
+the way the product creates one), sending data made directly (customers, sending messages,
+workers), check-ins at a fixed time through the real service, and what the data became."""
+
+from datetime import timedelta
 
 import factory
+import orjson
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
+from django.utils import timezone
 
 from customers.models import Customer, ProviderAccount, SendLimit, Suppression
 from customers.services import customer_create
+from sending import checkin, tokens
+from sending.clock import Clock
 from sending.models import Message, Recipient
+from sending.wire import parse_checkin
 
 PASSWORD = "correct horse battery staple"
 
@@ -95,3 +104,138 @@ class RecipientFactory(factory.django.DjangoModelFactory):
     message = factory.SubFactory(MessageFactory)
     email = factory.Sequence(lambda n: f"student{n}@example.edu")
     merge_data = factory.LazyAttributeSequence(lambda r, n: {"first_name": f"Student{n}"})
+
+
+def customer_form(customer=None, limit=None, **changes):
+    """The customer page's POST: its fields and its one send limit inline."""
+    data = {
+        "name": customer.name if customer else "New College",
+        "slug": customer.slug if customer else "new-college",
+        "is_active": "on",
+        "provider_account": customer.provider_account_id if customer else "",
+        "time_zone": "UTC",
+        "default_from_email": customer.default_from_email if customer else "news@new.example",
+        "default_reply_to": "",
+        "notes": "",
+        "send_limit-TOTAL_FORMS": "1",
+        "send_limit-INITIAL_FORMS": "1" if limit else "0",
+        "send_limit-MIN_NUM_FORMS": "0",
+        "send_limit-MAX_NUM_FORMS": "1",
+    }
+    if limit:
+        data.update(
+            {
+                "send_limit-0-id": limit.pk,
+                "send_limit-0-customer": customer.pk,
+                "send_limit-0-per_minute": limit.per_minute,
+                "send_limit-0-max_workers": limit.max_workers,
+                "send_limit-0-batch_size": limit.batch_size,
+                "send_limit-0-concurrency": limit.concurrency,
+                "send_limit-0-guard_ms": limit.guard_ms,
+            }
+        )
+    data.update(changes)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+# --- sending data, made directly ----------------------------------------------------------------
+
+WINDOW_MS = 60_000
+# 1.5 s into a calendar minute: inside the window, far from both guard bands.
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % WINDOW_MS + 1_500
+API_KEY = "sandbox-key"  # the sandbox account's key (sandbox_customer)
+
+
+def make_customer(slug="state-u", *, per_minute=600, batch_size=50, max_workers=5):
+    """A customer with no provider account, and its SendLimit."""
+    customer = Customer.objects.create(name=slug, slug=slug, default_from_email=f"news@{slug}.edu")
+    SendLimit.objects.create(
+        customer=customer, per_minute=per_minute, batch_size=batch_size, max_workers=max_workers
+    )
+    return customer
+
+
+def sandbox_customer(sandbox, *, per_minute=1_000, batch_size=20, concurrency=4, api_key=API_KEY):
+    """A customer sending through `sandbox` (a running SandboxServer)."""
+    account = ProviderAccountFactory(
+        settings={"api_url": sandbox.url},
+        credentials={"api_key": api_key},
+        per_minute_cap=max(per_minute, 1_000),
+    )
+    customer = CustomerFactory(provider_account=account)
+    SendLimit.objects.filter(customer=customer).update(
+        per_minute=per_minute, batch_size=batch_size, concurrency=concurrency, max_workers=5
+    )
+    return customer
+
+
+def make_message(
+    customer, n, *, started_minutes_ago=0, subject="Hello {{ first_name }}", html_body=""
+):
+    """A message that is sending, with n queued recipients (merge data {"first_name": i})."""
+    message = Message.objects.create(
+        customer=customer,
+        subject=subject,
+        text_body="Hi {{ first_name }}",
+        html_body=html_body,
+        status=Message.Status.SENDING,
+        started_at=timezone.now() - timedelta(minutes=started_minutes_ago),
+    )
+    Recipient.objects.bulk_create(
+        Recipient(message=message, email=f"s{i}@{customer.slug}.edu", merge_data={"first_name": i})
+        for i in range(n)
+    )
+    return message
+
+
+def start_worker(customer, api_url):
+    """A worker registered as the conductor registers one, and its invocation event."""
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    return worker, {"api_url": api_url, "token": token, "worker_id": worker.pk}
+
+
+# --- check-ins through the real service ---------------------------------------------------------
+
+
+def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1"):
+    """A check-in at a fixed time, through the service; the answer as the worker receives it."""
+    body = {"worker_id": worker.pk, "seq": seq, "request_id": request_id, "report": report}
+    answer = checkin.checkin(
+        claims=tokens.verify(token), request=parse_checkin(body), clock=Clock(at)
+    )
+    # The answer embeds pre-serialized JSON (orjson.Fragment).
+    return orjson.loads(orjson.dumps(answer))
+
+
+def report_all_sent(answer, *, done_ms=100):
+    batch = answer["batch"]
+    return {
+        "lease_id": batch["lease_id"],
+        "elapsed_ms": 500,
+        "results": [
+            {"id": r["id"], "status": "sent", "provider_id": f"p{r['id']}", "done_ms": done_ms}
+            for r in batch["recipients"]
+        ],
+    }
+
+
+# --- what the data became -----------------------------------------------------------------------
+
+
+def statuses(message):
+    return dict(Recipient.objects.filter(message=message).values_list("id", "status"))
+
+
+def assert_sent_once_each(message, sandbox):
+    """Every recipient is sent, with the id the sandbox gave it, and the sandbox saw it once."""
+    rows = list(Recipient.objects.filter(message=message))
+    by_key = {}
+    for send in sandbox.sends:
+        assert not send.duplicate, f"recipient {send.idempotency_key} was sent twice"
+        by_key[send.idempotency_key] = send
+    assert sorted(by_key) == sorted(str(r.pk) for r in rows)
+    for row in rows:
+        assert row.status == "sent", (row.pk, row.status, row.last_error)
+        assert row.provider_message_id == by_key[str(row.pk)].message_id
+        assert by_key[str(row.pk)].subject == f"Hello {row.merge_data['first_name']}"
+    assert sandbox.report()["duplicates"] == {}

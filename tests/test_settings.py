@@ -57,3 +57,28 @@ def test_development_generates_a_secret_key_once_and_keeps_it(tmp_path):
     assert _manage("check", env=env).returncode == 0
     assert (tmp_path / "secret_key").read_text() == first
     assert len(first) >= 50
+
+
+ENGINE_DEFAULTS = {
+    "WORKER_API_URL": "http://127.0.0.1:8000/api/worker/v1/",
+    "WORKER_RUNTIME": "local",
+    "CONDUCTOR_MAX_STARTS_PER_TICK": 3,
+    "WORKER_START_TIMEOUT_S": 60.0,
+    "WORKER_WARMUP_MS": 3000,
+}
+
+
+def test_the_engine_settings_have_their_defaults_without_the_environment(tmp_path):
+    names = ", ".join(f"{name!r}: settings.{name}" for name in ENGINE_DEFAULTS)
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_DEFAULTS}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c",
+         f"from django.conf import settings; print(repr({{{names}}}))"],
+        cwd=ROOT,
+        env={**env, "DEBUG": "true", "EMAILOPS_VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout.strip()) == ENGINE_DEFAULTS  # noqa: S307 - our own repr of a dict

@@ -9,6 +9,7 @@ from tests.factories import (
     MessageFactory,
     ProviderAccountFactory,
     SuppressionFactory,
+    customer_form,
 )
 
 pytestmark = pytest.mark.django_db
@@ -26,38 +27,6 @@ def _account_form(account, **changes):
     }
     data.update(changes)
     return data
-
-
-def _customer_form(customer=None, limit=None, **changes):
-    """The customer page's POST: its fields and its one send limit inline."""
-    data = {
-        "name": customer.name if customer else "New College",
-        "slug": customer.slug if customer else "new-college",
-        "is_active": "on",
-        "provider_account": customer.provider_account_id if customer else "",
-        "time_zone": "UTC",
-        "default_from_email": customer.default_from_email if customer else "news@new.example",
-        "default_reply_to": "",
-        "notes": "",
-        "send_limit-TOTAL_FORMS": "1",
-        "send_limit-INITIAL_FORMS": "1" if limit else "0",
-        "send_limit-MIN_NUM_FORMS": "0",
-        "send_limit-MAX_NUM_FORMS": "1",
-    }
-    if limit:
-        data.update(
-            {
-                "send_limit-0-id": limit.pk,
-                "send_limit-0-customer": customer.pk,
-                "send_limit-0-per_minute": limit.per_minute,
-                "send_limit-0-max_workers": limit.max_workers,
-                "send_limit-0-batch_size": limit.batch_size,
-                "send_limit-0-concurrency": limit.concurrency,
-                "send_limit-0-guard_ms": limit.guard_ms,
-            }
-        )
-    data.update(changes)
-    return {key: value for key, value in data.items() if value is not None}
 
 
 # Provider accounts --------------------------------------------------------------------------
@@ -143,7 +112,7 @@ def test_lowering_the_cap_below_a_customer_limit_is_refused_in_admin(admin_clien
 
 def test_adding_a_customer_creates_its_send_limit_with_defaults(admin_client):
     account = ProviderAccountFactory(per_minute_cap=400)
-    data = _customer_form(provider_account=account.pk)
+    data = customer_form(provider_account=account.pk)
     # The inline left as rendered: unchanged, so Django would not save it by itself.
     data.update({"send_limit-0-per_minute": "600", "send_limit-0-max_workers": "5"})
     data.update({"send_limit-0-batch_size": "500", "send_limit-0-concurrency": "16"})
@@ -158,7 +127,7 @@ def test_adding_a_customer_creates_its_send_limit_with_defaults(admin_client):
 
 def test_adding_a_customer_with_limits_keeps_them(admin_client):
     account = ProviderAccountFactory(per_minute_cap=1200)
-    data = _customer_form(provider_account=account.pk)
+    data = customer_form(provider_account=account.pk)
     data.update(
         {
             "send_limit-0-per_minute": "900",
@@ -176,7 +145,7 @@ def test_adding_a_customer_with_limits_keeps_them(admin_client):
 
 def test_a_new_customer_limit_above_its_account_cap_is_refused(admin_client):
     account = ProviderAccountFactory(per_minute_cap=1000, name="Small SES")
-    data = _customer_form(provider_account=account.pk)
+    data = customer_form(provider_account=account.pk)
     data.update(
         {
             "send_limit-0-per_minute": "1001",
@@ -197,7 +166,7 @@ def test_moving_a_customer_to_an_account_with_a_lower_cap_is_refused(admin_clien
     small = ProviderAccountFactory(per_minute_cap=500, name="Small")
     url = reverse("admin:customers_customer_change", args=[customer.pk])
     response = admin_client.post(
-        url, _customer_form(customer, customer.send_limit, provider_account=small.pk)
+        url, customer_form(customer, customer.send_limit, provider_account=small.pk)
     )
     assert response.status_code == 200
     assert "allows at most 500 per minute" in response.content.decode()
@@ -244,7 +213,7 @@ def test_send_limit_changes_show_who_when_and_old_to_new(admin_client, admin_use
     limit = customer.send_limit
     url = reverse("admin:customers_customer_change", args=[customer.pk])
     response = admin_client.post(
-        url, _customer_form(customer, limit, **{"send_limit-0-per_minute": "900"})
+        url, customer_form(customer, limit, **{"send_limit-0-per_minute": "900"})
     )
     assert response.status_code == 302
     limit.refresh_from_db()

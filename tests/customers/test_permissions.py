@@ -5,8 +5,13 @@ from django.contrib.auth.models import Group
 from django.urls import reverse
 
 from customers.models import Customer
-from tests.customers.test_admin import _customer_form
-from tests.factories import CustomerFactory, MessageFactory, ProviderAccountFactory, UserFactory
+from tests.factories import (
+    CustomerFactory,
+    MessageFactory,
+    ProviderAccountFactory,
+    UserFactory,
+    customer_form,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -102,7 +107,7 @@ def test_support_editing_a_customer_cannot_change_its_send_limit_inline(client, 
     customer = CustomerFactory(per_minute=600)
     limit = customer.send_limit
     url = reverse("admin:customers_customer_change", args=[customer.pk])
-    data = _customer_form(customer, limit, notes="Called them.", **{"send_limit-0-per_minute": 900})
+    data = customer_form(customer, limit, notes="Called them.", **{"send_limit-0-per_minute": 900})
     response = client.post(url, data)
     assert response.status_code == 302
     customer.refresh_from_db()
@@ -128,7 +133,7 @@ def test_support_moving_a_customer_below_its_limit_is_refused(client, support):
     small = ProviderAccountFactory(per_minute_cap=500, name="Small")
     url = reverse("admin:customers_customer_change", args=[customer.pk])
     response = client.post(
-        url, _customer_form(customer, customer.send_limit, provider_account=small.pk)
+        url, customer_form(customer, customer.send_limit, provider_account=small.pk)
     )
     assert response.status_code == 200
     assert "above the cap of Small (500/min)" in response.content.decode()
@@ -138,7 +143,7 @@ def test_support_moving_a_customer_below_its_limit_is_refused(client, support):
 
 def test_support_can_add_a_customer_and_it_gets_a_send_limit(client, support):
     account = ProviderAccountFactory()
-    data = _customer_form(provider_account=account.pk)
+    data = customer_form(provider_account=account.pk)
     data["send_limit-TOTAL_FORMS"] = "0"  # the inline is view-only for them: no form rendered
     response = client.post(reverse("admin:customers_customer_add"), data)
     assert response.status_code == 302
@@ -184,7 +189,7 @@ def test_operator_cannot_raise_a_limit_above_the_account_cap(client, operator):
 def test_operator_cannot_edit_a_customer(client, operator):
     customer = CustomerFactory(notes="")
     url = reverse("admin:customers_customer_change", args=[customer.pk])
-    response = client.post(url, _customer_form(customer, customer.send_limit, notes="x"))
+    response = client.post(url, customer_form(customer, customer.send_limit, notes="x"))
     assert response.status_code == 403
     customer.refresh_from_db()
     assert customer.notes == ""

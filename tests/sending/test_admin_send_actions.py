@@ -3,7 +3,6 @@
 import pytest
 from django.urls import reverse
 
-from sending import tasks
 from sending.models import Message, Recipient
 from tests.factories import MessageFactory, RecipientFactory, UserFactory
 
@@ -11,11 +10,9 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def kicked(monkeypatch):
-    """The conductor task is enqueued after commit; record it instead of needing a broker."""
-    calls = []
-    monkeypatch.setattr(tasks.conduct, "delay", lambda customer_id: calls.append(customer_id))
-    return calls
+def kicked(enqueued_tasks):
+    """The customers whose conductor tick was enqueued (read back from the broker)."""
+    return enqueued_tasks
 
 
 @pytest.fixture
@@ -41,7 +38,7 @@ def test_support_can_send_now_from_the_change_page(
     assert "Sending started" in response.content.decode()
     message.refresh_from_db()
     assert message.status == Message.Status.SENDING
-    assert kicked == [message.customer_id]
+    assert kicked.take() == [("sending.tasks.conduct", [message.customer_id])]
 
 
 def test_an_operator_cannot_start_a_send_but_can_pause_and_resume(client, message):

@@ -1,25 +1,24 @@
-"""Check-ins end to end through the service and through the real HTTP views."""
+"""Check-ins through the service, and through the HTTP views as production serves them (uvicorn,
+emailops.asgi)."""
 
 import json
 
 import pytest
+import requests
 from django.core import signing
 from django.db import connection
-from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from customers.models import SendLimit, Suppression
-from sending import checkin, pacing, tokens
-from sending.checkin import Clock
+from sending import checkin, leases, pacing, tokens, wire
+from sending.clock import Clock, datetime_to_ms, ms_to_datetime
 from sending.models import CustomerMinute, Lease, Recipient, Worker
-from sending.protocol import parse_checkin, parse_progress
-from tests.sending.support import (
-    T0,
-    WINDOW_MS,
-    call,
-    make_customer,
-    make_message,
-    report_all_sent,
-)
+from sending.wire import parse_checkin, parse_progress
+from tests.factories import T0, WINDOW_MS, call, make_customer, make_message, report_all_sent
+
+# A check-in that reports a batch and is granted the next, in a minute that has its row: the same
+# at any batch size (the test below runs it at 10 and 500).
+QUERIES_PER_CHECKIN = 19
 
 
 @pytest.fixture
@@ -94,7 +93,7 @@ def test_late_answers_are_carried_into_the_next_minute(customer):
     late = first["batch"]["minute_ends_in_ms"] - 100  # inside the trailing guard band
     call(worker, first["token"], 2, report_all_sent(first, done_ms=late), at=T0 + WINDOW_MS)
     following = CustomerMinute.objects.get(
-        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+        customer=customer, minute_start=ms_to_datetime(T0 - 1_500 + WINDOW_MS)
     )
     assert following.carried_in == 10
 
@@ -112,7 +111,7 @@ def test_a_repeated_seq_replays_the_stored_answer_and_claims_nothing(customer):
 def test_an_out_of_order_seq_is_a_conflict(customer):
     make_message(customer, 10)
     worker, token = checkin.worker_start(customer_id=customer.pk)
-    with pytest.raises(checkin.Conflict, match="expected 1"):
+    with pytest.raises(wire.Conflict, match="expected 1"):
         call(worker, token, 2)
 
 
@@ -125,7 +124,7 @@ def test_a_report_naming_a_stranger_is_refused_and_records_nothing(customer):
     report["results"].append(
         {"id": outsider.pk, "status": "sent", "provider_id": "z", "done_ms": 1}
     )
-    with pytest.raises(checkin.Conflict, match=str(outsider.pk)):
+    with pytest.raises(wire.Conflict, match=str(outsider.pk)):
         call(worker, first["token"], 2, report)
     assert not Recipient.objects.filter(status="sent").exists()
     assert Lease.objects.get().state == "open"
@@ -137,7 +136,7 @@ def test_an_open_lease_must_be_reported_before_more_is_granted(customer):
     make_message(customer, 100)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     first = call(worker, token, 1)
-    with pytest.raises(checkin.Conflict, match="report it"):
+    with pytest.raises(wire.Conflict, match="report it"):
         call(worker, first["token"], 2)
 
 
@@ -213,16 +212,16 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
     answer = call(worker, token, 1, at=T0 - 1_500 + WINDOW_MS - 2_000)
     lease_id = answer["batch"]["lease_id"]
     ids = [r["id"] for r in answer["batch"]["recipients"]]
-    checkin.progress(
+    leases.record_progress(
         claims=tokens.verify(answer["token"]),
         request=parse_progress(
             {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 20}
         ),
     )
     lease = Lease.objects.get(pk=lease_id)
-    overdue = checkin.datetime_to_ms(lease.overdue_at)
-    assert checkin.reclaim_overdue_leases(clock=Clock(overdue - 1)) == 0
-    assert checkin.reclaim_overdue_leases(clock=Clock(overdue)) == 1
+    overdue = datetime_to_ms(lease.overdue_at)
+    assert leases.reclaim_overdue(clock=Clock(overdue - 1)) == 0
+    assert leases.reclaim_overdue(clock=Clock(overdue)) == 1
     statuses = dict(Recipient.objects.filter(id__in=ids).values_list("id", "status"))
     assert {statuses[i] for i in ids[:20]} == {"unknown"}
     assert {statuses[i] for i in ids[20:]} == {"queued"}
@@ -235,12 +234,12 @@ def test_lease_reclaim_on_both_sides_of_the_watermark(customer):
     this_minute = CustomerMinute.objects.get(customer=customer, minute_start=lease.minute_start)
     assert (this_minute.granted, this_minute.refunded) == (50, 30)
     following = CustomerMinute.objects.get(
-        customer=customer, minute_start=checkin.ms_to_datetime(T0 - 1_500 + WINDOW_MS)
+        customer=customer, minute_start=ms_to_datetime(T0 - 1_500 + WINDOW_MS)
     )
     assert following.carried_in == 20
     # The worker, if alive after all, may start nothing more.
-    with pytest.raises(checkin.Conflict, match="start nothing more"):
-        checkin.progress(
+    with pytest.raises(wire.Conflict, match="start nothing more"):
+        leases.record_progress(
             claims=tokens.verify(answer["token"]),
             request=parse_progress(
                 {"worker_id": worker.pk, "lease_id": lease_id, "started_through": 30}
@@ -255,7 +254,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
         per_minute=6_000, batch_size=40, max_workers=2
     )
     make_message(customer, 3_000)  # enough that both workers are needed
-    minute_start = checkin.ms_to_datetime(T0 - 1_500)
+    minute_start = ms_to_datetime(T0 - 1_500)
     # 40 left in this minute's budget; two workers of 100 sends/s.
     CustomerMinute.objects.create(
         customer=customer, minute_start=minute_start, cap=6_000, granted=5_960
@@ -268,7 +267,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
     granted = call(lost, lost_token, 1, at=T0)
     assert len(granted["batch"]["recipients"]) == 40
     lease = Lease.objects.get(pk=granted["batch"]["lease_id"])
-    due = min(checkin.datetime_to_ms(lease.overdue_at), checkin.datetime_to_ms(lease.expires_at))
+    due = min(datetime_to_ms(lease.overdue_at), datetime_to_ms(lease.expires_at))
     minute_end = T0 - 1_500 + WINDOW_MS
     assert due + pacing.RECLAIM_SLACK_MS < minute_end - 10_000
 
@@ -277,7 +276,7 @@ def test_a_lost_workers_refund_is_granted_again_in_the_same_minute(customer):
     assert answer["wait_ms"] == due + pacing.RECLAIM_SLACK_MS - (T0 + 10)
 
     # The first worker never reports: reclaimed when due, nothing started, all 40 refunded.
-    assert checkin.reclaim_overdue_leases(clock=Clock(due)) == 1
+    assert leases.reclaim_overdue(clock=Clock(due)) == 1
     back = T0 + 10 + answer["wait_ms"]
     answer = call(waiting, answer["token"], 2, at=back)
     assert answer["decision"] == "send"
@@ -292,9 +291,9 @@ def test_unknown_recipients_are_not_offered_again(customer):
     answer = call(worker, token, 1)
     lease = Lease.objects.get(pk=answer["batch"]["lease_id"])
     Lease.objects.filter(pk=lease.pk).update(started_through=50)
-    checkin.reclaim_overdue_leases(clock=Clock(checkin.datetime_to_ms(lease.overdue_at)))
+    leases.reclaim_overdue(clock=Clock(datetime_to_ms(lease.overdue_at)))
     worker2, token2 = checkin.worker_start(customer_id=customer.pk)
-    later = checkin.datetime_to_ms(lease.overdue_at) + 1000
+    later = datetime_to_ms(lease.overdue_at) + 1000
     assert call(worker2, token2, 1, at=later)["decision"] == "stop"
 
 
@@ -307,33 +306,41 @@ def fixed_clock(monkeypatch):
 
 
 @pytest.fixture
-def api(transactional_db, fixed_clock, monkeypatch):
-    # The view runs the service in a thread of its own, on its own connection, so the data must
-    # be committed to be seen, and that connection closed after each call so that the test
-    # database can be dropped at the end.
-    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+def api(asgi_server, fixed_clock):
     customer = make_customer("http-u")
     make_message(customer, 100)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     return customer, worker, token
 
 
-def post(path, body, token=None, content_type="application/json"):
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    return Client().post(f"/api/worker/v1/{path}", data, content_type=content_type, **headers)
+@pytest.fixture
+def post(asgi_server):
+    """POST to the worker API served by uvicorn; the response (requests)."""
+    session = requests.Session()
+
+    def post(path, body, token=None, content_type="application/json"):
+        headers = {"Content-Type": content_type}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = body if isinstance(body, str | bytes) else json.dumps(body)
+        return session.post(
+            f"{asgi_server.url}/api/worker/v1/{path}", data=data, headers=headers, timeout=30
+        )
+
+    yield post
+    session.close()
 
 
-def test_http_checkin_grants_and_refreshes_the_token(api):
+def test_http_checkin_grants_and_refreshes_the_token(post, api):
     _, worker, token = api
     response = post("checkin", {"worker_id": worker.pk, "seq": 1}, token)
-    assert response.status_code == 200, response.content
+    assert response.status_code == 200, response.text
     body = response.json()
     assert body["decision"] == "send" and len(body["batch"]["recipients"]) == 50
     assert tokens.verify(body["token"]) == tokens.WorkerClaims(worker.customer_id, worker.pk)
 
 
-def test_http_missing_forged_and_expired_tokens_are_401(api, settings):
+def test_http_missing_forged_and_expired_tokens_are_401(post, api, settings):
     _, worker, token = api
     body = {"worker_id": worker.pk, "seq": 1}
     assert post("checkin", body).status_code == 401
@@ -350,7 +357,7 @@ def test_http_missing_forged_and_expired_tokens_are_401(api, settings):
     assert not Lease.objects.exists()
 
 
-def test_http_another_customers_token_is_403(api):
+def test_http_another_customers_token_is_403(post, api):
     _, worker, _ = api
     other = make_customer("other-u")
     _, other_token = checkin.worker_start(customer_id=other.pk)
@@ -359,7 +366,7 @@ def test_http_another_customers_token_is_403(api):
     assert not Lease.objects.exists()
 
 
-def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
+def test_http_malformed_requests_are_400_and_say_what_is_wrong(post, api, asgi_server):
     _, worker, token = api
     response = post("checkin", "{not json", token)
     assert response.status_code == 400
@@ -379,7 +386,7 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
     assert (
         post("checkin", {"worker_id": worker.pk, "seq": 1}, token, "text/plain").status_code == 400
     )
-    assert Client().get("/api/worker/v1/checkin").status_code == 405
+    assert requests.get(f"{asgi_server.url}/api/worker/v1/checkin", timeout=30).status_code == 405
     # Past 64 bits: what the database cannot hold is refused before it gets there.
     progress = {"worker_id": worker.pk, "lease_id": 1, "started_through": 2**63}
     response = post("progress", progress, token)
@@ -392,7 +399,7 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(api):
     assert not Lease.objects.exists()
 
 
-def test_http_report_outside_the_lease_is_409(api):
+def test_http_report_outside_the_lease_is_409(post, api):
     customer, worker, token = api
     body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
     outsider = Recipient.objects.filter(message__customer=customer, status="queued").first()
@@ -406,7 +413,7 @@ def test_http_report_outside_the_lease_is_409(api):
     assert not Recipient.objects.filter(status="sent").exists()
 
 
-def test_http_progress_is_recorded(api):
+def test_http_progress_is_recorded(post, api):
     _, worker, token = api
     body = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
     lease_id = body["batch"]["lease_id"]
@@ -417,8 +424,8 @@ def test_http_progress_is_recorded(api):
     assert post("progress", progress, body["token"]).status_code == 409
 
 
-def test_http_openapi_is_served(client):
-    response = client.get("/api/worker/v1/openapi.yaml")
+def test_http_openapi_is_served(asgi_server):
+    response = requests.get(f"{asgi_server.url}/api/worker/v1/openapi.yaml", timeout=30)
     assert response.status_code == 200
     assert b"openapi: 3.0.3" in response.content
 
@@ -480,3 +487,17 @@ def test_a_throttled_worker_waits_out_its_minute_only(customer):
     assert second["decision"] == "wait"
     third = call(worker, second["token"], 3, at=T0 - 1_500 + WINDOW_MS + 300)
     assert third["decision"] == "send"
+
+
+@pytest.mark.parametrize("batch_size", [10, 500])
+def test_a_checkin_makes_as_many_queries_for_500_recipients_as_for_10(customer, batch_size):
+    """No statement per recipient: reporting a batch and getting the next one costs the same
+    number of queries whatever the batch's size."""
+    SendLimit.objects.filter(customer=customer).update(per_minute=100_000, batch_size=batch_size)
+    make_message(customer, 3 * batch_size)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    with CaptureQueriesContext(connection) as queries:
+        second = call(worker, first["token"], 2, report_all_sent(first), at=T0 + 600)
+    assert len(first["batch"]["recipients"]) == len(second["batch"]["recipients"]) == batch_size
+    assert len(queries) == QUERIES_PER_CHECKIN, [q["sql"][:80] for q in queries]

@@ -8,10 +8,10 @@ from django.db import connection, connections
 
 from customers.models import SendLimit
 from sending import checkin, tokens
-from sending.checkin import Clock
+from sending.clock import Clock, ms_to_datetime
 from sending.models import CustomerMinute, Recipient
-from sending.protocol import parse_checkin
-from tests.sending.support import T0, make_customer, make_message, report_all_sent
+from sending.wire import parse_checkin
+from tests.factories import T0, make_customer, make_message, report_all_sent
 
 THREADS = 8
 
@@ -93,7 +93,7 @@ class _CustomerLockHolder:
                 if self.charge is not None:
                     CustomerMinute.objects.create(
                         customer=self.customer,
-                        minute_start=checkin.ms_to_datetime(T0 - T0 % 60_000),
+                        minute_start=ms_to_datetime(T0 - T0 % 60_000),
                         cap=3_000,
                         granted=self.charge,
                     )

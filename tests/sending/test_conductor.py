@@ -9,9 +9,9 @@ from django.utils import timezone
 
 from customers.models import Customer, ProviderAccount, SendLimit
 from sending import checkin, conductor, services, tasks
-from sending.checkin import Clock
+from sending.clock import Clock
 from sending.models import ConductorLease, Lease, Message, Recipient, Worker
-from tests.sending.support import T0, WINDOW_MS, call, make_message
+from tests.factories import T0, WINDOW_MS, call, make_message
 
 
 class RecordingRuntime:
@@ -38,23 +38,23 @@ def customer(db):
 
 
 def test_one_conductor_per_customer_and_takeover_after_expiry(customer):
-    assert conductor.acquire(customer_id=customer.pk, holder="a", clock=Clock(T0))
-    assert not conductor.acquire(customer_id=customer.pk, holder="b", clock=Clock(T0 + 1000))
-    assert conductor.acquire(customer_id=customer.pk, holder="a", clock=Clock(T0 + 4000))
+    assert conductor.acquire_lease(customer_id=customer.pk, holder="a", clock=Clock(T0))
+    assert not conductor.acquire_lease(customer_id=customer.pk, holder="b", clock=Clock(T0 + 1000))
+    assert conductor.acquire_lease(customer_id=customer.pk, holder="a", clock=Clock(T0 + 4000))
     # a stops renewing: once its lease (5 s) has passed, b takes over
-    assert not conductor.acquire(customer_id=customer.pk, holder="b", clock=Clock(T0 + 8999))
-    assert conductor.acquire(customer_id=customer.pk, holder="b", clock=Clock(T0 + 9001))
+    assert not conductor.acquire_lease(customer_id=customer.pk, holder="b", clock=Clock(T0 + 8999))
+    assert conductor.acquire_lease(customer_id=customer.pk, holder="b", clock=Clock(T0 + 9001))
     assert ConductorLease.objects.get(customer=customer).holder == "b"
-    conductor.release(customer_id=customer.pk, holder="a")  # not a's any more: no effect
+    conductor.release_lease(customer_id=customer.pk, holder="a")  # not a's any more: no effect
     assert ConductorLease.objects.get(customer=customer).holder == "b"
-    conductor.release(customer_id=customer.pk, holder="b")
-    assert conductor.acquire(customer_id=customer.pk, holder="c", clock=Clock(T0 + 9002))
+    conductor.release_lease(customer_id=customer.pk, holder="b")
+    assert conductor.acquire_lease(customer_id=customer.pk, holder="c", clock=Clock(T0 + 9002))
 
 
 def test_watchdog_finds_customers_sending_without_a_live_conductor(customer):
     make_message(customer, 10)
     assert conductor.customers_needing_a_conductor(clock=Clock(T0)) == [customer.pk]
-    conductor.acquire(customer_id=customer.pk, holder="a", clock=Clock(T0))
+    conductor.acquire_lease(customer_id=customer.pk, holder="a", clock=Clock(T0))
     assert conductor.customers_needing_a_conductor(clock=Clock(T0 + 1000)) == []
     assert conductor.customers_needing_a_conductor(clock=Clock(T0 + 6000)) == [customer.pk]
 
@@ -146,19 +146,28 @@ def _staff(*perms):
     return User.objects.get(pk=user.pk)
 
 
-def test_start_needs_the_permission_and_kicks_the_conductor_after_commit(
-    customer, django_capture_on_commit_callbacks, monkeypatch
+def test_start_and_resume_enqueue_a_conductor_tick_after_commit(
+    customer, django_capture_on_commit_callbacks, enqueued_tasks
 ):
     message = _draft(customer)
     with pytest.raises(PermissionDenied):
         services.message_start(message_id=message.pk, user=_staff())
-    kicked = []
-    monkeypatch.setattr(tasks.conduct, "delay", lambda customer_id: kicked.append(customer_id))
-    with django_capture_on_commit_callbacks(execute=True):
+    with django_capture_on_commit_callbacks() as callbacks:
         services.message_start(message_id=message.pk, user=_staff("start_message"))
+        assert enqueued_tasks.take() == []  # nothing before the commit
+    for callback in callbacks:
+        callback()
     message.refresh_from_db()
     assert message.status == "sending" and message.started_at
-    assert kicked == [customer.pk]
+    tick = ("sending.tasks.conduct", [customer.pk])
+    assert enqueued_tasks.take() == [tick]
+    # The name it is enqueued by is the task's.
+    assert tasks.conduct.name == tick[0]
+
+    services.message_pause(message_id=message.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.message_resume(message_id=message.pk)
+    assert enqueued_tasks.take() == [tick]
 
 
 def test_start_refuses_a_message_without_recipients_or_account(customer):

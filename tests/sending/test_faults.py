@@ -1,13 +1,13 @@
 """Faults, end to end on PostgreSQL: a worker killed mid-batch, the conductor's process killed,
 a provider answering 429 or 500 for a while.
 
-Everything here is real except the length of a "minute": the worker API is served over HTTP by
-`live_server`, workers run the real handler (in threads, in child processes, or inside a real
-Celery worker process), conductor ticks run `sending.conductor.tick`, and mail goes to a real
-SandboxServer. The sandbox's clock runs 60_000 / SEND_WINDOW_MS times faster than the wall clock
-and is aligned with it, so its calendar minute is exactly one of the engine's short minutes: its
-per-minute cap (set to the customer's) then checks "no minute over the cap" at the provider side,
-and its idempotency keys (the recipient ids) check "nobody got two emails".
+Everything here is real except the length of a "minute": the worker API is served by uvicorn
+(emailops.asgi, as in production), workers run the real handler (in threads, in child processes,
+or inside a real Celery worker process), conductor ticks run `sending.conductor.tick`, and mail
+goes to a real SandboxServer. The sandbox's clock runs 60_000 / SEND_WINDOW_MS times faster than
+the wall clock and is aligned with it, so its calendar minute is exactly one of the engine's short
+minutes: its per-minute cap (set to the customer's) then checks "no minute over the cap" at the
+provider side, and its idempotency keys (the recipient ids) check "nobody got two emails".
 
 Minutes are 4 s with a 1 s guard band, and a worker's API timeout is 1 s. A check-in answer that
 arrives late on its first attempt shifts the worker's window by its lateness (an engine bug, shown
@@ -33,20 +33,14 @@ import pytest
 from django.db import connection
 
 from customers.models import SendLimit
-from sending import checkin, conductor, services, tasks
+from sending import checkin, conductor, services
+from sending.clock import datetime_to_ms
 from sending.models import ConductorLease, CustomerMinute, Lease, Message, Recipient
 from sending.models import Worker as WorkerRow
-from sending.runtimes import LocalRuntime, local_invocations, shutdown_local_workers
+from sending.runtimes import LocalRuntime, local_invocations
 from sending.sandbox import Latency, SandboxServer
 from sending.worker import LocalContext, handler
-from tests.sending.test_worker import (
-    API_KEY,
-    api_url,  # noqa: F401  (fixture)
-    fast_minutes,  # noqa: F401  (fixture)
-    make_customer,
-    make_message,
-    start_worker,
-)
+from tests.factories import API_KEY, make_message, sandbox_customer, start_worker
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 TICK_S = 0.2
@@ -56,17 +50,11 @@ GUARD_MS = 1_000
 
 
 @pytest.fixture
-def fault_minutes(fast_minutes, settings):  # noqa: F811
+def fault_minutes(fast_minutes, settings):
     settings.SEND_WINDOW_MS = WINDOW_MS
     settings.SEND_TIMEOUT_MS = 1_000
     settings.SEND_MAX_ATTEMPTS = 3
     settings.WORKER_API_TIMEOUT_S = 1  # <= GUARD_MS: see the module docstring
-
-
-@pytest.fixture(autouse=True)
-def _no_local_worker_outlives_its_test():
-    yield
-    assert shutdown_local_workers(timeout_s=10), "a local worker is still running"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -186,7 +174,7 @@ def assert_ledger_within_cap(customer, cap: int):
 
 
 def test_a_worker_killed_mid_batch_is_replaced_and_nobody_gets_two_emails(
-    api_url,  # noqa: F811
+    api_url,
     fault_minutes,
     postgres,
     settings,
@@ -196,7 +184,7 @@ def test_a_worker_killed_mid_batch_is_replaced_and_nobody_gets_two_emails(
     # 150 ms a send, two in flight: a batch takes a while, so the kill lands inside one.
     sandbox = scaled_sandbox(settings, cap=cap, latency_ms=150)
     try:
-        customer = make_customer(sandbox, per_minute=cap, batch_size=20, concurrency=2)
+        customer = sandbox_customer(sandbox, per_minute=cap, batch_size=20, concurrency=2)
         set_limits(customer, max_workers=1)
         message = make_message(customer, 30)
         runtime = LocalRuntime(mode="process", timeout_s=30)
@@ -324,7 +312,7 @@ class CeleryWorkers:
 
 
 @pytest.fixture
-def celery_workers(api_url, fault_minutes, postgres, redis_url, settings, tmp_path, monkeypatch):  # noqa: F811
+def celery_workers(api_url, fault_minutes, postgres, redis_url, settings, tmp_path, monkeypatch):
     import redis
 
     from emailops.celery import app
@@ -353,18 +341,25 @@ def celery_workers(api_url, fault_minutes, postgres, redis_url, settings, tmp_pa
         "WORKER_API_BACKOFF_MS": str(settings.WORKER_API_BACKOFF_MS),
         "LOG_LEVEL": "WARNING",
     }
-    # This process enqueues on the same dedicated broker (its own is the configured REDIS_URL).
-    broker = app.connection_for_write(broker_url)
-    monkeypatch.setattr(
-        tasks.conduct, "delay", lambda *args: tasks.conduct.apply_async(args, connection=broker)
-    )
+    # This process enqueues on the same dedicated broker: Celery builds its connection pools
+    # from the configured URL on first use, so they are dropped to be built again from this one
+    # (and once more after the test, from the configured REDIS_URL).
+    monkeypatch.setattr(app.conf, "broker_url", broker_url)
+    _drop_broker_pools(app)
     workers = CeleryWorkers(broker_url=broker_url, env=env, logs=tmp_path)
     try:
         yield workers
     finally:
         workers.stop_all()
-        broker.release()
+        _drop_broker_pools(app)
         redis.Redis.from_url(broker_url).flushdb()
+
+
+def _drop_broker_pools(app) -> None:
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 def test_a_killed_conductor_process_is_replaced_within_seconds_and_the_send_goes_on(
@@ -373,7 +368,7 @@ def test_a_killed_conductor_process_is_replaced_within_seconds_and_the_send_goes
     cap = 60
     sandbox = scaled_sandbox(settings, cap=cap, latency_ms=100)
     try:
-        customer = make_customer(sandbox, per_minute=cap, batch_size=15, concurrency=2)
+        customer = sandbox_customer(sandbox, per_minute=cap, batch_size=15, concurrency=2)
         set_limits(customer, max_workers=3)
         message = make_message(customer, 120)
         Message.objects.filter(pk=message.pk).update(status=Message.Status.DRAFT, started_at=None)
@@ -475,7 +470,7 @@ def test_a_killed_conductor_process_is_replaced_within_seconds_and_the_send_goes
 @pytest.mark.parametrize("status", [429, 500])
 def test_a_provider_failing_for_a_while_slows_the_send_and_loses_nothing(
     status,
-    api_url,  # noqa: F811
+    api_url,
     fault_minutes,
     postgres,
     settings,
@@ -485,7 +480,7 @@ def test_a_provider_failing_for_a_while_slows_the_send_and_loses_nothing(
     cap, n, concurrency, max_workers = 40, 100, 4, 3
     sandbox = scaled_sandbox(settings, cap=cap, latency_ms=20)
     try:
-        customer = make_customer(sandbox, per_minute=cap, batch_size=20, concurrency=concurrency)
+        customer = sandbox_customer(sandbox, per_minute=cap, batch_size=20, concurrency=concurrency)
         set_limits(customer, max_workers=max_workers)
         message = make_message(customer, n)
         runtime = LocalRuntime(mode="thread", timeout_s=40)
@@ -556,7 +551,7 @@ def test_a_provider_failing_for_a_while_slows_the_send_and_loses_nothing(
 
 
 def test_a_late_check_in_answer_does_not_move_its_window(
-    api_url,  # noqa: F811
+    api_url,
     postgres,
     settings,
     monkeypatch,
@@ -565,7 +560,7 @@ def test_a_late_check_in_answer_does_not_move_its_window(
     late_s = 2 * settings.SEND_WINDOW_MS / 1000
     sandbox = SandboxServer(caps={API_KEY: 100_000}).start()
     try:
-        customer = make_customer(sandbox, batch_size=10, concurrency=2)
+        customer = sandbox_customer(sandbox, batch_size=10, concurrency=2)
         make_message(customer, 10)
         decide_and_answer = checkin.checkin
         stalled = []
@@ -593,8 +588,8 @@ def test_a_late_check_in_answer_does_not_move_its_window(
         spans: dict[str, list[tuple[int, int]]] = {}
         for lease in Lease.objects.filter(customer=customer):
             span = (
-                checkin.datetime_to_ms(lease.granted_at),
-                checkin.datetime_to_ms(lease.expires_at),
+                datetime_to_ms(lease.granted_at),
+                datetime_to_ms(lease.expires_at),
             )
             for rid in lease.recipient_ids:
                 spans.setdefault(str(rid), []).append(span)

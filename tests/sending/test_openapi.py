@@ -1,4 +1,5 @@
-"""The served OpenAPI description, checked against the real views over real HTTP.
+"""The served OpenAPI description, checked against the real views served as production serves them
+(uvicorn, emailops.asgi).
 
 Schemathesis generates requests from sending/openapi.yaml (valid ones and, in its negative phase,
 invalid ones) and checks every answer against the description: documented status codes, content
@@ -9,20 +10,17 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from django.db import connection
 from hypothesis import HealthCheck, settings
 
 from sending import checkin
-from tests.sending.support import make_customer, make_message
+from tests.factories import make_customer, make_message
 
 SPEC = Path(__file__).resolve().parents[2] / "sending" / "openapi.yaml"
 schema = schemathesis.openapi.from_path(SPEC)
 
 
 @pytest.fixture
-def worker_token(transactional_db, monkeypatch):
-    # live_server runs the views in threads of their own; see tests/sending/test_checkin.py.
-    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+def worker_token(asgi_server):
     customer = make_customer("schema-u")
     make_message(customer, 50)
     _, token = checkin.worker_start(customer_id=customer.pk)
@@ -39,8 +37,8 @@ def test_the_served_description_is_the_one_in_the_repo(client):
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_the_views_answer_as_described(case, live_server, worker_token):
+def test_the_views_answer_as_described(case, asgi_server, worker_token):
     case.call_and_validate(
-        base_url=f"{live_server.url}/api/worker/v1",
+        base_url=f"{asgi_server.url}/api/worker/v1",
         headers={"Authorization": f"Bearer {worker_token}"},
     )

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from sending import pacing
 from sending.pacing import (
     Grant,
-    Lease,
+    LeaseTerms,
     Limits,
     MinuteLedger,
-    Report,
     Stop,
+    Tally,
     Wait,
     WorkerView,
     decide,
@@ -86,7 +86,7 @@ def test_grant_start_window_is_cut_to_what_the_batch_needs_early_in_the_minute()
     assert isinstance(decision, Grant)
     # 20 sends at 100/s take 200 ms: start window is 2 x 200 ms + slack, not the whole minute.
     assert decision.stop_starting_in_ms == 400 + pacing.STOP_SLACK_MS
-    assert not Lease.from_grant(decision, limits).may_cross
+    assert not LeaseTerms.from_grant(decision, limits).may_cross
 
 
 def test_trailing_guard_band_waits_until_the_next_minute():
@@ -182,18 +182,18 @@ def test_limits_reject_settings_that_break_the_safety_argument(changes):
         replace(LIMITS, **changes)
 
 
-def lease_for(now_ms: int = MINUTE + 600) -> Lease:
+def lease_for(now_ms: int = MINUTE + 600) -> LeaseTerms:
     grant = check_in(now_ms)
     assert isinstance(grant, Grant)
-    return Lease.from_grant(grant, LIMITS)
+    return LeaseTerms.from_grant(grant, LIMITS)
 
 
 def test_settle_refunds_not_started_and_throttled_and_counts_late_responses_as_crossed():
     lease = lease_for()  # minute ends 1_400 ms after the grant; last safe done is 1_150
-    report = Report(
+    report = Tally(
         sent=12, failed=3, not_started=3, throttled=2, done_ms=[100] * 13 + [1_150, 1_151]
     )
-    settlement = settle(lease=lease, report=report)
+    settlement = settle(terms=lease, tally=report)
     assert settlement.refund == 5
     assert settlement.crossed == 1
     assert (settlement.sent, settlement.failed, settlement.throttled) == (12, 3, 2)
@@ -202,7 +202,7 @@ def test_settle_refunds_not_started_and_throttled_and_counts_late_responses_as_c
 
 def test_settle_treats_unreported_recipients_and_missing_done_times_as_crossed():
     lease = lease_for()
-    settlement = settle(lease=lease, report=Report(sent=10, not_started=5, done_ms=[100] * 8))
+    settlement = settle(terms=lease, tally=Tally(sent=10, not_started=5, done_ms=[100] * 8))
     assert settlement.unknown == 5
     assert settlement.crossed == 5 + 2
     assert settlement.refund == 5
@@ -210,44 +210,44 @@ def test_settle_treats_unreported_recipients_and_missing_done_times_as_crossed()
 
 def test_settle_rejects_a_report_for_more_than_the_lease():
     with pytest.raises(ValueError):
-        settle(lease=lease_for(), report=Report(sent=15, not_started=6, done_ms=[1] * 15))
+        settle(terms=lease_for(), tally=Tally(sent=15, not_started=6, done_ms=[1] * 15))
 
 
 def test_expired_lease_refunds_nothing_and_charges_the_next_minute_only_if_it_may_cross():
     crossing = lease_for()
     assert crossing.may_cross
-    assert pacing.settle_expired(lease=crossing) == pacing.Settlement(
+    assert pacing.settle_expired(terms=crossing) == pacing.Settlement(
         refund=0, crossed=20, unknown=20
     )
     early = replace(crossing, may_cross=False)
-    assert pacing.settle_expired(lease=early).crossed == 0
+    assert pacing.settle_expired(terms=early).crossed == 0
 
 
 def test_abandoned_lease_refunds_past_the_mark_and_keeps_the_in_doubt_part_charged():
     crossing = lease_for()
-    assert pacing.settle_abandoned(lease=crossing, started_through=8) == pacing.Settlement(
+    assert pacing.settle_abandoned(terms=crossing, started_through=8) == pacing.Settlement(
         refund=12, crossed=8, unknown=8
     )
     early = replace(crossing, may_cross=False)
-    assert pacing.settle_abandoned(lease=early, started_through=8) == pacing.Settlement(
+    assert pacing.settle_abandoned(terms=early, started_through=8) == pacing.Settlement(
         refund=12, crossed=0, unknown=8
     )
     # Died before its first progress report: nothing was started, all of it comes back.
-    assert pacing.settle_abandoned(lease=crossing, started_through=0) == pacing.Settlement(
+    assert pacing.settle_abandoned(terms=crossing, started_through=0) == pacing.Settlement(
         refund=20, crossed=0, unknown=0
     )
     for bad in (-1, 21):
         with pytest.raises(ValueError, match="started_through"):
-            pacing.settle_abandoned(lease=crossing, started_through=bad)
+            pacing.settle_abandoned(terms=crossing, started_through=bad)
 
 
 def test_expired_lease_is_abandoned_at_its_mark_or_whole_without_one():
     lease = lease_for()
-    assert pacing.settle_expired(lease=lease, started_through=5) == pacing.settle_abandoned(
-        lease=lease, started_through=5
+    assert pacing.settle_expired(terms=lease, started_through=5) == pacing.settle_abandoned(
+        terms=lease, started_through=5
     )
-    assert pacing.settle_expired(lease=lease) == pacing.settle_abandoned(
-        lease=lease, started_through=lease.size
+    assert pacing.settle_expired(terms=lease) == pacing.settle_abandoned(
+        terms=lease, started_through=lease.size
     )
 
 
@@ -256,7 +256,7 @@ def test_refund_of_an_abandoned_lease_is_budget_again_while_its_minute_is_curren
     ledger = pacing.charge(MinuteLedger(minute_start_ms=MINUTE, granted=80), check_in(MINUTE + 600))
     assert ledger.granted == 100
     assert check_in(MINUTE + 700, ledger=ledger) == Wait(1_300)
-    settlement = pacing.settle_abandoned(lease=lease, started_through=8)
+    settlement = pacing.settle_abandoned(terms=lease, started_through=8)
     ledger, following = pacing.apply_settlement(
         lease_ledger=ledger,
         next_ledger=MinuteLedger(minute_start_ms=MINUTE + 2_000),
@@ -405,7 +405,7 @@ def test_any_single_decision_respects_budget_batch_backlog_and_window(
 
 @dataclass
 class OpenLease:
-    lease: Lease
+    lease: LeaseTerms
     granted_at: int
     start_in_ms: int
     # The mark the caller recorded. A report is recorded (and only then acknowledged) only while
@@ -472,7 +472,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         ledgers[minute] = pacing.charge(ledger(minute), decision)
         charged = ledgers[minute].charged + spill
         assert charged <= limits.per_minute
-        lease = Lease.from_grant(decision, limits)
+        lease = LeaseTerms.from_grant(decision, limits)
         open_leases.append(OpenLease(lease, now, decision.start_in_ms))
         last_cap[minute] = limits.per_minute
         return True
@@ -509,13 +509,13 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             expired = now >= item.granted_at + lease.expires_in_ms
             how = data.draw(st.sampled_from(["abandoned", "expired", "expired_no_mark"]))
             if how == "abandoned" or not expired:
-                settlement = pacing.settle_abandoned(lease=lease, started_through=item.mark)
+                settlement = pacing.settle_abandoned(terms=lease, started_through=item.mark)
                 may_start = item.mark
             elif how == "expired":
-                settlement = pacing.settle_expired(lease=lease, started_through=item.mark)
+                settlement = pacing.settle_expired(terms=lease, started_through=item.mark)
                 may_start = item.mark
             else:  # a caller that kept no mark: the worker may have started anything
-                settlement = pacing.settle_expired(lease=lease)
+                settlement = pacing.settle_expired(terms=lease)
                 may_start = lease.size
             assert settlement.refund + settlement.unknown == lease.size
             minute = lease.minute_start_ms
@@ -533,7 +533,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             lease = item.lease
             expired = now >= item.granted_at + lease.expires_in_ms and data.draw(st.booleans())
             if expired:
-                settlement = pacing.settle_expired(lease=lease)
+                settlement = pacing.settle_expired(terms=lease)
                 unknown, sent_failed, late = lease.size, 0, 0
             else:
                 # A6: the worker started nothing past its acknowledged mark.
@@ -550,8 +550,8 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
                         max_size=sent + failed,
                     )
                 )
-                report = Report(sent, failed, not_started, throttled, done)
-                settlement = pacing.settle(lease=lease, report=report)
+                report = Tally(sent, failed, not_started, throttled, done)
+                settlement = pacing.settle(terms=lease, tally=report)
                 sent_failed = sent + failed
                 unknown = lease.size - sent - failed - not_started - throttled
                 late = sum(d > lease.minute_ends_in_ms - lease.guard_ms for d in done)

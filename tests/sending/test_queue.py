@@ -1,5 +1,6 @@
 """The recipient queue's statements, on whichever database the suite runs on."""
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -29,7 +30,7 @@ def test_claim_leases_oldest_first_and_moves_the_cursor(message):
     ids = _recipients(message, 10)
     first = queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=4)
     assert [c.id for c in first.leased] == ids[:4]
-    assert first.leased[0].merge_data == {"n": 0}
+    assert json.loads(first.leased[0].merge_json) == {"n": 0}
     assert first.last_id == ids[3]
     second = queue.claim(
         customer_id=message.customer_id, message_id=message.id, after_id=first.last_id, limit=10
@@ -55,12 +56,14 @@ def test_record_writes_every_outcome_in_one_statement(message, django_assert_num
     when = datetime(2026, 11, 26, 12, 0, 1, 234_000, tzinfo=UTC)
     when_ms = round(when.timestamp() * 1000)
     outcomes = [
-        queue.Outcome(ids[0], queue.SENT, provider_id="p-0", attempted=True, sent_at_ms=when_ms),
-        queue.Outcome(ids[1], queue.FAILED, error="550 no such user", attempted=True),
-        queue.Outcome(ids[2], queue.RETRY, error="451 try later", attempted=True),
-        queue.Outcome(ids[3], queue.QUEUED, error="429 throttled"),
-        queue.Outcome(ids[4], queue.QUEUED),
-        queue.Outcome(ids[5], queue.UNKNOWN),
+        queue.StatusChange(
+            ids[0], queue.SENT, provider_id="p-0", attempted=True, sent_at_ms=when_ms
+        ),
+        queue.StatusChange(ids[1], queue.FAILED, error="550 no such user", attempted=True),
+        queue.StatusChange(ids[2], queue.RETRY, error="451 try later", attempted=True),
+        queue.StatusChange(ids[3], queue.QUEUED, error="429 throttled"),
+        queue.StatusChange(ids[4], queue.QUEUED),
+        queue.StatusChange(ids[5], queue.UNKNOWN),
     ]
     with django_assert_num_queries(1):
         written = queue.record(outcomes, max_attempts=3)
@@ -79,7 +82,9 @@ def test_record_fails_a_temporary_failure_once_attempts_are_used_up(message):
     ids = _recipients(message, 1)
     Recipient.objects.filter(id=ids[0]).update(attempts=2)
     queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=1)
-    queue.record([queue.Outcome(ids[0], queue.RETRY, error="451", attempted=True)], max_attempts=3)
+    queue.record(
+        [queue.StatusChange(ids[0], queue.RETRY, error="451", attempted=True)], max_attempts=3
+    )
     row = Recipient.objects.get(id=ids[0])
     assert (row.status, row.attempts) == ("failed", 3)
 
@@ -89,7 +94,8 @@ def test_record_ignores_rows_that_are_no_longer_leased(message):
     queue.claim(customer_id=message.customer_id, message_id=message.id, after_id=0, limit=2)
     Recipient.objects.filter(id=ids[1]).update(status="cancelled")
     queue.record(
-        [queue.Outcome(i, queue.SENT, provider_id="x", attempted=True) for i in ids], max_attempts=3
+        [queue.StatusChange(i, queue.SENT, provider_id="x", attempted=True) for i in ids],
+        max_attempts=3,
     )
     untouched = Recipient.objects.get(id=ids[1])
     assert (untouched.status, untouched.provider_message_id, untouched.attempts) == (

@@ -1,5 +1,5 @@
 """How workers are invoked: the runtime chosen by settings, AWS Lambda (offline, through moto),
-and the local runtime running the real handler against the real API over HTTP."""
+and the local runtime running the real handler against the real API (uvicorn, ASGI)."""
 
 import io
 import json
@@ -14,24 +14,10 @@ from moto.awslambda_simple.models import LambdaSimpleBackend
 from sending import runtimes
 from sending.models import Recipient
 from sending.runtimes import LambdaRuntime, LocalRuntime, get_runtime, local_invocation
-from tests.sending.test_worker import (
-    api_url,  # noqa: F401  (fixture)
-    assert_sent_once_each,
-    fast_minutes,  # noqa: F401  (fixture)
-    make_customer,
-    make_message,
-    sandbox,  # noqa: F401  (fixture)
-    start_worker,
-)
+from tests.factories import assert_sent_once_each, make_message, sandbox_customer, start_worker
 
 REGION = "eu-west-1"
 FUNCTION = "emailops-worker"
-
-
-@pytest.fixture(autouse=True)
-def _no_local_worker_outlives_its_test():
-    yield
-    assert runtimes.shutdown_local_workers(timeout_s=10), "a local worker is still running"
 
 
 # --- choosing a runtime ------------------------------------------------------------------------
@@ -65,9 +51,7 @@ def test_the_runtime_is_chosen_by_settings_read_at_call_time(settings):
         get_runtime()
 
 
-def test_the_worker_api_url_has_a_local_default(settings):
-    del settings.WORKER_API_URL
-    assert runtimes.worker_api_url() == "http://127.0.0.1:8000/api/worker/v1/"
+def test_the_worker_api_url_is_read_at_call_time(settings):
     settings.WORKER_API_URL = "https://emailops.example/api/worker/v1/"
     assert runtimes.worker_api_url() == "https://emailops.example/api/worker/v1/"
 
@@ -167,11 +151,11 @@ def test_lambda_runtime_fails_loudly_when_lambda_does_not_queue_the_event():
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_local_runtime_runs_the_real_handler(mode, api_url, sandbox, settings):  # noqa: F811
+def test_local_runtime_runs_the_real_handler(mode, api_url, sandbox, settings):
     settings.WORKER_RUNTIME = "local"
     settings.LOCAL_WORKER_MODE = mode
     settings.LOCAL_WORKER_TIMEOUT_S = 20
-    customer = make_customer(sandbox, batch_size=10)
+    customer = sandbox_customer(sandbox, batch_size=10)
     message = make_message(customer, 25)
     worker, event = start_worker(customer, api_url)
 

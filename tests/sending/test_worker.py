@@ -1,5 +1,5 @@
 """The worker handler: step by step against fakes, and end to end against the real worker API
-(served over HTTP by `live_server`) and a real sandbox provider.
+(served by uvicorn, as production serves it) and a real sandbox provider.
 
 The end-to-end tests use 2-second "minutes" (SEND_WINDOW_MS) so that windows, throttles and lease
 expiry happen within a test; every wait is bounded.
@@ -10,119 +10,24 @@ import time
 
 import pytest
 import requests
-from django.db import OperationalError, connection
+from django.db import OperationalError
 
-from customers.models import SendLimit
-from sending import checkin, pacing
-from sending.checkin import Clock
-from sending.models import Lease, Message, Recipient
+from sending import leases, pacing
+from sending.clock import Clock, datetime_to_ms
+from sending.models import Lease, Recipient
 from sending.models import Worker as WorkerRow
 from sending.providers import SendError, Throttled
-from sending.runtimes import LocalRuntime, local_invocation, shutdown_local_workers
+from sending.runtimes import LocalRuntime, local_invocation
 from sending.sandbox import Latency, SandboxServer
-from sending.worker import Api, LocalContext, Window, Worker, handler
-from tests.factories import CustomerFactory, ProviderAccountFactory
-
-WINDOW_MS = 2_000
-API_KEY = "sandbox-key"
-
-
-# --- helpers shared with test_runtimes ---------------------------------------------------------
-
-
-def make_customer(sandbox, *, per_minute=1_000, batch_size=20, concurrency=4, api_key=API_KEY):
-    account = ProviderAccountFactory(
-        settings={"api_url": sandbox.url},
-        credentials={"api_key": api_key},
-        per_minute_cap=max(per_minute, 1_000),
-    )
-    customer = CustomerFactory(provider_account=account)
-    SendLimit.objects.filter(customer=customer).update(
-        per_minute=per_minute, batch_size=batch_size, concurrency=concurrency, max_workers=5
-    )
-    return customer
-
-
-def make_message(customer, n):
-    message = Message.objects.create(
-        customer=customer,
-        subject="Hello {{ first_name }}",
-        text_body="Hi {{ first_name }}",
-        html_body="<p>Hi {{ first_name }}</p>",
-        status=Message.Status.SENDING,
-        started_at=checkin.Clock.read().now,
-    )
-    Recipient.objects.bulk_create(
-        Recipient(
-            message=message, email=f"s{i}@{customer.slug}.example", merge_data={"first_name": i}
-        )
-        for i in range(n)
-    )
-    return message
-
-
-def start_worker(customer, api_url):
-    worker, token = checkin.worker_start(customer_id=customer.pk)
-    return worker, {"api_url": api_url, "token": token, "worker_id": worker.pk}
-
-
-def statuses(message):
-    return dict(Recipient.objects.filter(message=message).values_list("id", "status"))
-
-
-def assert_sent_once_each(message, sandbox):
-    """Every recipient is sent, with the id the sandbox gave it, and the sandbox saw it once."""
-    rows = list(Recipient.objects.filter(message=message))
-    by_key = {}
-    for send in sandbox.sends:
-        assert not send.duplicate, f"recipient {send.idempotency_key} was sent twice"
-        by_key[send.idempotency_key] = send
-    assert sorted(by_key) == sorted(str(r.pk) for r in rows)
-    for row in rows:
-        assert row.status == "sent", (row.pk, row.status, row.last_error)
-        assert row.provider_message_id == by_key[str(row.pk)].message_id
-        assert by_key[str(row.pk)].subject == f"Hello {row.merge_data['first_name']}"
-    assert sandbox.report()["duplicates"] == {}
-
-
-@pytest.fixture
-def fast_minutes(settings):
-    settings.SEND_WINDOW_MS = WINDOW_MS
-    settings.SEND_TIMEOUT_MS = 1_000
-    settings.WORKER_DEADLINE_MARGIN_MS = 1_000
-    settings.WORKER_SEND_MARGIN_MS = 300
-    settings.WORKER_API_TIMEOUT_S = 5
-    settings.WORKER_API_BACKOFF_MS = 50
-
-
-@pytest.fixture
-def api_url(live_server, transactional_db, fast_minutes, monkeypatch):
-    # The views run the service in threads of their own, on their own connections: close them
-    # after each request so the test database can be dropped at the end.
-    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
-    return f"{live_server.url}/api/worker/v1/"
-
-
-@pytest.fixture(autouse=True)
-def _no_local_worker_outlives_its_test():
-    yield
-    assert shutdown_local_workers(timeout_s=10), "a local worker is still running"
-
-
-@pytest.fixture
-def sandbox():
-    server = SandboxServer(caps={API_KEY: 100_000}).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def frozen_server_clock(monkeypatch):
-    """The API's clock stands 300 ms into a 2-second minute: grants are deterministic."""
-    now = time.time_ns() // 1_000_000
-    at = now - now % WINDOW_MS + 300
-    monkeypatch.setattr(Clock, "read", classmethod(lambda cls: cls(at)))
-    return at
+from sending.worker import Api, LocalContext, Window, WorkerLoop, handler
+from tests.factories import (
+    API_KEY,
+    assert_sent_once_each,
+    make_message,
+    sandbox_customer,
+    start_worker,
+    statuses,
+)
 
 
 def wait_for(predicate, timeout_s=15.0, every_s=0.01):
@@ -226,7 +131,7 @@ def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2, ch
 
 def fake_worker(provider, context=None):
     api = FakeApi(time.monotonic)
-    worker = Worker(
+    worker = WorkerLoop(
         {"api_url": "http://api.invalid/", "token": "t", "worker_id": 1},
         context or Remaining(),
         api=api,
@@ -237,7 +142,7 @@ def fake_worker(provider, context=None):
 
 def send_now(worker, batch):
     now = time.monotonic()
-    window = Window.of(batch, received=now, first_sent=now, retried=False)
+    window = Window.of(batch, received=now, first_sent=now)
     return window, worker.send_batch(batch, window)
 
 
@@ -342,7 +247,7 @@ def test_no_send_starts_when_the_invocation_is_about_to_time_out():
 
 def test_an_answer_that_needed_retries_ends_its_window_earlier():
     batch = fake_batch(1, start_in_ms=100, stop_starting_in_ms=1_000)
-    window = Window.of(batch, received=10.0, first_sent=8.0, retried=True)
+    window = Window.of(batch, received=10.0, first_sent=8.0)
     assert window.start_at == pytest.approx(10.1)  # never earlier than the server meant
     assert window.stop_at == pytest.approx(9.0)  # never later
     assert window.ms(10.5) == 2_500  # done_ms counted from the earliest possible grant
@@ -354,7 +259,7 @@ def test_an_answer_that_needed_retries_ends_its_window_earlier():
 def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
     api_url, sandbox, settings
 ):
-    customer = make_customer(sandbox, batch_size=20, concurrency=4)
+    customer = sandbox_customer(sandbox, batch_size=20, concurrency=4)
     message = make_message(customer, 70)
     worker, event = start_worker(customer, api_url)
 
@@ -372,8 +277,8 @@ def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
             lease_of[str(rid)] = lease
     for send in sandbox.sends:
         lease = lease_of[send.idempotency_key]
-        assert send.arrived_ms >= checkin.datetime_to_ms(lease.start_at)
-        last_start = checkin.datetime_to_ms(lease.stop_starting_at)
+        assert send.arrived_ms >= datetime_to_ms(lease.start_at)
+        last_start = datetime_to_ms(lease.stop_starting_at)
         assert send.arrived_ms <= last_start + settings.SEND_TIMEOUT_MS
     row = WorkerRow.objects.get(pk=worker.pk)
     assert (row.state, row.stop_reason) == ("stopped", "done")
@@ -385,11 +290,11 @@ def test_a_message_is_sent_completely_each_recipient_once_inside_its_windows(
 def test_a_worker_near_its_deadline_stops_between_batches_and_leaves_nothing_leased(
     api_url, sandbox, frozen_server_clock
 ):
-    customer = make_customer(sandbox, per_minute=10, batch_size=10)
+    customer = sandbox_customer(sandbox, per_minute=10, batch_size=10)
     message = make_message(customer, 30)
     _, event = start_worker(customer, api_url)
     context = Remaining(60_000)
-    worker = Worker(event, context)
+    worker = WorkerLoop(event, context)
 
     answer = worker.checkin()
     assert answer.decision == "send"
@@ -408,7 +313,7 @@ def test_a_worker_near_its_deadline_stops_between_batches_and_leaves_nothing_lea
 def test_a_lost_answer_is_retried_with_the_same_seq_and_replayed(
     api_url, sandbox, frozen_server_clock
 ):
-    customer = make_customer(sandbox)
+    customer = sandbox_customer(sandbox)
     make_message(customer, 10)
     _, event = start_worker(customer, api_url)
 
@@ -426,7 +331,7 @@ def test_a_lost_answer_is_retried_with_the_same_seq_and_replayed(
     api = Api(
         event["api_url"], event["token"], timeout_s=5, retries=2, backoff_ms=10, session=session
     )
-    worker = Worker(event, LocalContext(20), api=api)
+    worker = WorkerLoop(event, LocalContext(20), api=api)
     answer = worker.checkin()
     assert answer.decision == "send"
     assert session.calls == [1, 1]
@@ -436,7 +341,7 @@ def test_a_lost_answer_is_retried_with_the_same_seq_and_replayed(
 
 
 def test_a_refused_token_is_fatal_and_not_retried(api_url, sandbox):
-    customer = make_customer(sandbox)
+    customer = sandbox_customer(sandbox)
     make_message(customer, 5)
     _, event = start_worker(customer, api_url)
     event["token"] = "forged"
@@ -453,7 +358,7 @@ def test_a_throttling_provider_loses_nothing_and_sends_nothing_twice(api_url, se
     sandbox_now = [time.time_ns() // 1_000_000 // 60_000 * 60_000 + 1_000]
     sandbox = SandboxServer(caps={API_KEY: 5}, clock=lambda: sandbox_now[0]).start()
     try:
-        customer = make_customer(sandbox, per_minute=30, batch_size=10, concurrency=1)
+        customer = sandbox_customer(sandbox, per_minute=30, batch_size=10, concurrency=1)
         message = make_message(customer, 8)
         _, event = start_worker(customer, api_url)
         first = handler(event, LocalContext(3.5))
@@ -486,7 +391,7 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
 ):
     sandbox = SandboxServer(caps={API_KEY: 100_000}, latency=Latency(median_ms=200)).start()
     try:
-        customer = make_customer(sandbox, batch_size=50, concurrency=5)
+        customer = sandbox_customer(sandbox, batch_size=50, concurrency=5)
         message = make_message(customer, 50)
         _, event = start_worker(customer, api_url)
         runtime = LocalRuntime(mode="process", timeout_s=20)
@@ -507,8 +412,8 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
         # No send past the announced mark ever reached the provider.
         assert {s.idempotency_key for s in sandbox.sends} <= {str(i) for i in ids[:mark]}
 
-        at_expiry = Clock(checkin.datetime_to_ms(lease.expires_at))
-        assert checkin.reclaim_overdue_leases(clock=at_expiry) == 1
+        at_expiry = Clock(datetime_to_ms(lease.expires_at))
+        assert leases.reclaim_overdue(clock=at_expiry) == 1
         after = statuses(message)
         assert {after[i] for i in ids[:mark]} == {"unknown"}
         assert {after[i] for i in ids[mark:]} == {"queued"}
@@ -522,7 +427,7 @@ def test_against_the_api_no_progress_report_grows_started_through_by_more_than_c
 ):
     # 1,000 a minute: chunk_limit is 4, below the concurrency of 8, so the grant's bound (not
     # about a second of sending, not `concurrency`) decides every chunk.
-    customer = make_customer(sandbox, per_minute=1_000, batch_size=20, concurrency=8)
+    customer = sandbox_customer(sandbox, per_minute=1_000, batch_size=20, concurrency=8)
     message = make_message(customer, 50)
     _, event = start_worker(customer, api_url)
 
@@ -541,7 +446,7 @@ def test_against_the_api_no_progress_report_grows_started_through_by_more_than_c
     api = Api(
         event["api_url"], event["token"], timeout_s=5, retries=2, backoff_ms=10, session=session
     )
-    summary = Worker(event, LocalContext(20), api=api).run()
+    summary = WorkerLoop(event, LocalContext(20), api=api).run()
 
     assert summary["stop"] == "done", summary
     assert summary["sent"] == 50

@@ -4,7 +4,7 @@ full checks accept, and return the same thing."""
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sending import protocol
+from sending import wire
 
 values = st.one_of(
     st.none(),
@@ -35,15 +35,15 @@ results = st.one_of(
 def test_fast_path_agrees_with_the_full_checks(raw):
     fast_problems: list[str] = []
     full_problems: list[str] = []
-    fast = protocol._result(raw, 0, fast_problems)
-    full = protocol._result_checked(raw, 0, full_problems)
+    fast = wire._result(raw, 0, fast_problems)
+    full = wire._result_checked(raw, 0, full_problems)
     assert fast == full
     assert fast_problems == full_problems
     assert (fast is None) == bool(full_problems)
 
 
 def test_a_well_formed_report_parses_to_typed_results():
-    request = protocol.parse_checkin(
+    request = wire.parse_checkin(
         {
             "worker_id": 1,
             "seq": 2,
@@ -60,7 +60,7 @@ def test_a_well_formed_report_parses_to_typed_results():
         }
     )
     assert request.report.results == (
-        protocol.Result(7, protocol.Outcome.SENT, "p-7", False, "", 12),
-        protocol.Result(8, protocol.Outcome.FAILED, "", True, "550", 9),
-        protocol.Result(9, protocol.Outcome.NOT_STARTED),
+        wire.Result(7, wire.Outcome.SENT, "p-7", False, "", 12),
+        wire.Result(8, wire.Outcome.FAILED, "", True, "550", 9),
+        wire.Result(9, wire.Outcome.NOT_STARTED),
     )

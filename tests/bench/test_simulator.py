@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from bench.simulator import SimConfig, simulate, simulate_baseline
 from sending import pacing
-from sending.simulator import SimConfig, simulate, simulate_baseline
 
 # Short "minutes" keep this fast; the production window is 60 s.
 # Twenty workers at concurrency 8 start ~3,600 sends in a 1.5 s window, so they can carry 2,000.

@@ -1,12 +1,23 @@
-"""The worker API's request bodies, parsed and validated (docs: sending/openapi.yaml).
+"""The worker API's wire format (sending/openapi.yaml): requests parsed, answers built, errors.
 
 Parsing never touches the database; anything malformed raises BadRequest naming every field that
-is wrong, which the view answers with 400.
+is wrong (400). Answers are built from rows the caller read; credentials travel only in them.
 """
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from customers.models import Customer
+
+    from . import pacing
+    from .models import Message, Recipient
+    from .queue import Claimed
+
+API_VERSION = "v1"
 
 MAX_RESULTS = 1000  # a batch is at most 1,000 recipients (SendLimit.batch_size)
 MAX_ERROR_CHARS = 2000
@@ -14,9 +25,19 @@ MAX_INT = 2**63 - 1  # ids and counts are 64-bit in the database
 
 
 class BadRequest(Exception):
+    """The request is malformed (400): `problems` names every field that is wrong."""
+
     def __init__(self, problems: list[str]):
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class Forbidden(Exception):
+    """The token does not allow this (403)."""
+
+
+class Conflict(Exception):
+    """The request does not fit the worker's state (409): nothing was recorded."""
 
 
 class Outcome(StrEnum):
@@ -82,6 +103,9 @@ def _object(body: Any, problems: list[str]) -> dict:
         return {}
     return body
 
+
+# What the provider may have received: charged to its minute, never re-sent automatically.
+STARTED = frozenset({Outcome.SENT, Outcome.FAILED, Outcome.UNKNOWN})
 
 _OUTCOMES = {o.value: o for o in Outcome}
 _NEED_DONE_MS = (Outcome.SENT, Outcome.FAILED)
@@ -213,3 +237,99 @@ def parse_progress(body: Any) -> ProgressRequest:
     if problems:
         raise BadRequest(problems)
     return ProgressRequest(worker_id=worker_id, lease_id=lease_id, started_through=started_through)
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+def stop(reason: str) -> dict:
+    return {"decision": "stop", "reason": reason}
+
+
+def wait(ms: int) -> dict:
+    return {"decision": "wait", "wait_ms": ms}
+
+
+def batch(
+    *,
+    lease_id: int,
+    grant: "pacing.Grant",
+    limits: "pacing.Limits",
+    chunk_limit: int,
+    customer: "Customer",
+    messages: "list[Message]",
+    recipients: "list[Claimed]",
+) -> dict:
+    """A "send" answer: everything the worker needs, so it never reads the database."""
+    used = {r.message_id for r in recipients}
+    return {
+        "decision": "send",
+        "batch": {
+            "lease_id": lease_id,
+            "start_in_ms": grant.start_in_ms,
+            "stop_starting_in_ms": grant.stop_starting_in_ms,
+            "minute_ends_in_ms": grant.minute_ends_in_ms,
+            "concurrency": limits.concurrency,
+            # The most recipients one progress report may declare.
+            "chunk_limit": chunk_limit,
+            # The per-send timeout the pacing assumes (no send arrives later than this).
+            "send_timeout_ms": limits.spill_hold_ms,
+            "provider": provider_payload(customer),
+            "messages": {str(m.pk): message_payload(m) for m in messages if m.pk in used},
+            "recipients": [
+                # The merge data is passed on as the JSON text the claim read, unparsed.
+                {
+                    "id": r.id,
+                    "message": r.message_id,
+                    "to": r.email,
+                    "merge": orjson.Fragment(r.merge_json),
+                }
+                for r in recipients
+            ],
+        },
+    }
+
+
+def provider_payload(customer: "Customer") -> dict | None:
+    """How the worker reaches the customer's provider (credentials travel only over the API)."""
+    account = customer.provider_account
+    if account is None:
+        return None
+    return {
+        "kind": account.kind,
+        "settings": account.settings,
+        "credentials": account.credentials,
+        "per_minute_cap": account.per_minute_cap,
+    }
+
+
+def message_payload(message: "Message") -> dict:
+    customer = message.customer
+    return {
+        "subject": message.subject,
+        "text": message.text_body,
+        "html": message.html_body,
+        "from_email": message.from_email or customer.default_from_email,
+        "reply_to": message.reply_to or customer.default_reply_to,
+    }
+
+
+def replayable(answer: dict) -> dict:
+    """The answer as stored for a retried seq: recipients are kept as ids only (the lease has
+    them, and their data does not change while leased), so each check-in writes a few hundred
+    bytes rather than the whole batch."""
+    sent = answer.get("batch")
+    if sent is None:
+        return answer
+    return {**answer, "batch": {**sent, "recipients": None}}
+
+
+def replay(stored: dict, recipients: "list[Recipient]") -> dict:
+    """A stored answer made whole again with its lease's recipients, in lease order."""
+    if stored.get("batch") is None:
+        return stored
+    rows = [
+        {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
+        for r in recipients
+    ]
+    return {**stored, "batch": {**stored["batch"], "recipients": rows}}

@@ -157,13 +157,13 @@ class _Worker:
     rate: float | None = None
     alive: bool = True
     presumed_lost: bool = False
-    lease: pacing.Lease | None = None
+    lease: pacing.LeaseTerms | None = None
     leases: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _Payload:
-    report: pacing.Report
+    report: pacing.Tally
     busy_ms: int
     lease_no: int
 
@@ -277,7 +277,7 @@ class _Run:
         if self.backlog <= 0 and self.backlog_empty_at is None:
             self.backlog_empty_at = now
 
-    def close_lease(self, lease: pacing.Lease, settlement: pacing.Settlement) -> None:
+    def close_lease(self, lease: pacing.LeaseTerms, settlement: pacing.Settlement) -> None:
         start = lease.minute_start_ms
         self.ledgers[start], self.ledgers[start + self.window] = pacing.apply_settlement(
             lease_ledger=self.ledger(start),
@@ -302,7 +302,7 @@ class _Run:
                 self.conductor(now)
             return
         if payload is not None and worker.lease is not None:
-            settlement = pacing.settle(lease=worker.lease, report=payload.report)
+            settlement = pacing.settle(terms=worker.lease, tally=payload.report)
             self.close_lease(worker.lease, settlement)
             self.backlog += settlement.refund
             throttled = settlement.throttled > 0
@@ -344,7 +344,7 @@ class _Run:
         self.ledgers[grant.minute_start_ms] = pacing.charge(
             self.ledger(now - now % self.window), grant
         )
-        lease = pacing.Lease.from_grant(grant, self.limits)
+        lease = pacing.LeaseTerms.from_grant(grant, self.limits)
         worker.leases += 1
         abandon_at = now + min(lease.overdue_in_ms, lease.expires_in_ms)
         self.due[worker.id] = (lease.minute_start_ms, abandon_at)
@@ -427,7 +427,7 @@ class _Run:
             self.crash_minutes.update(range(first, last + 1))
             return
         finished = float(done.max()) if n_started else float(stop_starting)
-        report = pacing.Report(
+        report = pacing.Tally(
             sent=n_started,
             not_started=n - n_started,
             done_ms=np.ceil(done - received).astype(np.int64).tolist(),
@@ -444,7 +444,7 @@ class _Run:
         if worker.lease is None or worker.leases != abandon.lease_no:
             return  # reported in time
         settlement = pacing.settle_abandoned(
-            lease=worker.lease, started_through=abandon.started_through
+            terms=worker.lease, started_through=abandon.started_through
         )
         self.close_lease(worker.lease, settlement)
         self.stats["abandoned"] += 1

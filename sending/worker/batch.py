@@ -1,0 +1,327 @@
+"""Sending one batch: its window on the monotonic clock, progress marks before each chunk, up to
+`concurrency` provider calls in flight, and the report of what happened to each recipient."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .client import ApiError
+from .environment import setting
+
+log = logging.getLogger("sending.worker")
+CHUNK_S = 1.0  # about this much sending per progress call
+SLOT_POLL_S = 0.05  # how often a sender waiting for a free slot re-checks the window
+
+
+@dataclass(frozen=True)
+class Window:
+    """A batch's send window on the monotonic clock (seconds)."""
+
+    origin: float  # when the answer arrived
+    early_origin: float  # when the request (its first attempt) was sent
+    start_at: float
+    stop_at: float
+
+    @classmethod
+    def of(cls, batch: dict, *, received: float, first_sent: float) -> Window:
+        """The server's offsets are relative to when it read its clock, somewhere between our
+        first attempt and the answer's arrival (lock waits and a slow network included). Each end
+        takes the anchor that errs on the safe side: the start from the arrival (never before the
+        server meant), the end and the answer times from the first attempt (never after)."""
+        return cls(
+            origin=received,
+            early_origin=first_sent,
+            start_at=received + batch["start_in_ms"] / 1000,
+            stop_at=first_sent + batch["stop_starting_in_ms"] / 1000,
+        )
+
+    def ms(self, at: float) -> int:
+        """`at` as ms after the grant arrived, rounded up (a later done_ms is the safe side)."""
+        return max(0, math.ceil((at - self.early_origin) * 1000))
+
+
+@dataclass
+class BatchRun:
+    """Book-keeping shared by the sending threads of one batch."""
+
+    window: Window
+    concurrency: int
+    # The most recipients one progress report may declare (the grant's chunk_limit; None from a
+    # server too old to send one).
+    chunk_limit: int | None = None
+    throttled: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    first_start: float | None = None
+    last_done: float | None = None
+    done: int = 0
+    halt: str = ""
+
+    def started(self, at: float) -> None:
+        with self.lock:
+            if self.first_start is None:
+                self.first_start = at
+
+    def finished(self, at: float) -> None:
+        with self.lock:
+            self.done += 1
+            self.last_done = at if self.last_done is None else max(self.last_done, at)
+
+    def rate_per_s(self, now: float) -> float | None:
+        with self.lock:
+            if self.first_start is None or self.done < self.concurrency:
+                return None
+            busy = now - self.first_start
+            return self.done / busy if busy > 0 else None
+
+    def limit(self, chunk: int) -> int:
+        """`chunk`, but never more than the grant's chunk_limit."""
+        return chunk if self.chunk_limit is None else min(chunk, self.chunk_limit)
+
+    @property
+    def elapsed_ms(self) -> int:
+        if self.first_start is None or self.last_done is None:
+            return 0
+        return max(0, round((self.last_done - self.first_start) * 1000))
+
+
+class BatchSender:
+    """Sending one batch inside its window (a part of WorkerLoop: the attributes it uses are the
+    loop's)."""
+
+    def send_batch(self, batch: dict, window: Window) -> dict:
+        """Send a batch inside its window; return the report for the next check-in."""
+        began = self.clock()
+        recipients = batch["recipients"]
+        chunk_limit = batch.get("chunk_limit")
+        run = BatchRun(
+            window=window,
+            concurrency=max(1, int(batch["concurrency"])),
+            chunk_limit=None if chunk_limit is None else max(1, int(chunk_limit)),
+        )
+        outcomes: list[dict | None]
+        try:
+            provider = self.provider_for(batch["provider"], batch)
+        except Exception as exc:
+            # A bad account or unknown kind: every recipient fails where staff can see why.
+            log.exception("worker %s: cannot open the provider", self.worker_id)
+            outcomes = [self._failed(r, exc, window) for r in recipients]
+        else:
+            compiled = self._compile(batch["messages"])
+            outcomes = self._send_all(batch, recipients, provider, compiled, run)
+        results = [o for o in outcomes if o is not None]
+        self.summary.add(results, len(recipients))
+        if run.done and run.elapsed_ms:
+            self.rate_per_s = run.done * 1000 / run.elapsed_ms
+        self.last_batch_ms = round((self.clock() - min(began, window.origin)) * 1000)
+        report = {"lease_id": batch["lease_id"], "elapsed_ms": run.elapsed_ms, "results": results}
+        counts = {s: sum(1 for r in results if r["status"] == s) for s in ("sent", "failed")}
+        log.info(
+            "worker %s: lease %s: %d recipients, %d sent, %d failed, %d unknown in %d ms%s",
+            self.worker_id,
+            batch["lease_id"],
+            len(recipients),
+            counts["sent"],
+            counts["failed"],
+            len(recipients) - len(results),
+            run.elapsed_ms,
+            f" (stopped: {run.halt})" if run.halt else "",
+        )
+        self.report = report
+        return report
+
+    def _send_pool(self, concurrency: int) -> ThreadPoolExecutor:
+        if self._pool is not None and self._pool_size != concurrency:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="send")
+            self._pool_size = concurrency
+        return self._pool
+
+    # Sending.
+
+    def provider_for(self, config: dict | None, batch: dict):
+        """The provider for this config, kept open across batches (reopened if it changes)."""
+        if config is None:
+            raise RuntimeError("the customer has no provider account")
+        if self._provider is not None and config == self._provider_config:
+            return self._provider
+        if self._provider is not None:
+            self._provider.close()
+            self._provider = None
+        if self._open_provider is not None:
+            provider = self._open_provider(config)
+        else:
+            from ..providers import open_provider
+
+            # The server's per-send timeout, when it says (pacing assumes nothing arrives later).
+            timeout_ms = batch.get("send_timeout_ms")
+            timeout = timeout_ms / 1000 if timeout_ms else None
+            provider = open_provider(config, timeout=timeout)
+        self._provider, self._provider_config = provider, config
+        return provider
+
+    def _compile(self, messages: dict) -> dict:
+        from django.core.exceptions import ValidationError
+
+        from ..rendering import compile_message
+
+        compiled = {}
+        for message_id, m in messages.items():
+            try:
+                compiled[message_id] = compile_message(
+                    subject=m["subject"], text_body=m["text"], html_body=m["html"]
+                )
+            except ValidationError as exc:
+                log.error(
+                    "worker %s: message %s does not compile: %s", self.worker_id, message_id, exc
+                )
+                compiled[message_id] = exc
+        return compiled
+
+    def may_start(self, run: BatchRun) -> bool:
+        now = self.clock()
+        if run.throttled.is_set():
+            run.halt = run.halt or "throttled"
+            return False
+        if now > run.window.stop_at:
+            run.halt = run.halt or "window closed"
+            return False
+        if self.remaining_ms() < setting("WORKER_SEND_MARGIN_MS"):
+            run.halt = run.halt or "deadline"
+            return False
+        return now >= run.window.start_at
+
+    def _chunk_size(self, run: BatchRun) -> int:
+        """About a second of sending at the measured rate (never more than the window has
+        left), at least `concurrency`, but never more than the grant's `chunk_limit` (which wins:
+        it bounds what a crash right after this report costs the minute)."""
+        now = self.clock()
+        rate = run.rate_per_s(now) or self.rate_per_s
+        if rate is None:
+            return run.limit(run.concurrency)
+        seconds = min(CHUNK_S, max(0.0, run.window.stop_at - now))
+        return run.limit(max(run.concurrency, math.ceil(rate * seconds)))
+
+    def _send_all(self, batch, recipients, provider, compiled, run: BatchRun) -> list:
+        outcomes: list[dict | None] = [{"id": r["id"], "status": "not_started"} for r in recipients]
+        started_through = 0
+        if run.window.stop_at <= max(self.clock(), run.window.start_at):
+            # The answer came too late to use (its window closed by the server's clock): give it
+            # all back without announcing anything.
+            run.halt = "window closed"
+            return outcomes
+        if run.window.start_at > self.clock():
+            # Announce the first chunk while waiting for the window to open, so that sending
+            # starts right when it does.
+            mark = min(len(recipients), run.limit(run.concurrency))
+            if not self._progress(batch["lease_id"], mark, run):
+                return outcomes
+            started_through = mark
+            self.sleep(max(0.0, run.window.start_at - self.clock()))
+        slots = threading.BoundedSemaphore(run.concurrency)
+        futures = {}
+        # One pool for the worker's life: the provider keeps a connection per sending thread, so
+        # new threads every batch would open (and keep) new connections every batch.
+        with contextlib.nullcontext(self._send_pool(run.concurrency)) as pool:
+            for index, recipient in enumerate(recipients):
+                if not self.may_start(run):
+                    break
+                if index >= started_through:
+                    mark = min(len(recipients), started_through + self._chunk_size(run))
+                    if not self._progress(batch["lease_id"], mark, run):
+                        break
+                    started_through = mark
+                if not self._take_slot(slots, run):
+                    break
+                future = pool.submit(
+                    self._send_one, recipient, batch["messages"], compiled, provider, run
+                )
+                future.add_done_callback(lambda _: slots.release())
+                futures[index] = future
+            for index, future in futures.items():
+                outcomes[index] = future.result()
+        return outcomes
+
+    def _progress(self, lease_id: int, mark: int, run: BatchRun) -> bool:
+        body = {"worker_id": self.worker_id, "lease_id": lease_id, "started_through": mark}
+        try:
+            self.api.post("progress", body)
+        except ApiError as exc:
+            # Without the mark recorded no send may start; the check-in will say what is wrong.
+            log.error("worker %s: progress not recorded, batch stopped: %s", self.worker_id, exc)
+            run.halt = f"progress failed: {exc}"
+            return False
+        return True
+
+    def _take_slot(self, slots: threading.BoundedSemaphore, run: BatchRun) -> bool:
+        while not slots.acquire(timeout=SLOT_POLL_S):
+            if not self.may_start(run):
+                return False
+        if not self.may_start(run):
+            slots.release()
+            return False
+        return True
+
+    def _send_one(self, recipient, messages, compiled, provider, run: BatchRun) -> dict | None:
+        from ..providers import SendError, Throttled
+
+        rid = recipient["id"]
+        key = str(recipient["message"])
+        template = messages[key]
+        try:
+            message = compiled[key]
+            if isinstance(message, Exception):
+                raise message
+            subject, text, html = message.render(recipient.get("merge") or {})
+        except Exception as exc:
+            log.exception("worker %s: recipient %s does not render", self.worker_id, rid)
+            return {"id": rid, "status": "failed", "permanent": True, "error": f"render: {exc}",
+                    "done_ms": run.window.ms(self.clock())}  # fmt: skip
+        if not self.may_start(run):
+            return {"id": rid, "status": "not_started"}
+        started = self.clock()
+        run.started(started)
+        try:
+            provider_id = provider.send(
+                recipient_id=rid,
+                to=recipient["to"],
+                subject=subject,
+                text=text,
+                html=html,
+                from_email=template["from_email"],
+                reply_to=template["reply_to"],
+            )
+        except Throttled as exc:
+            run.throttled.set()
+            run.finished(self.clock())
+            return {"id": rid, "status": "throttled", "error": exc.message}
+        except SendError as exc:
+            done = self.clock()
+            run.finished(done)
+            return {"id": rid, "status": "failed", "permanent": exc.permanent,
+                    "error": exc.message, "done_ms": run.window.ms(done)}  # fmt: skip
+        except Exception:
+            # The provider may or may not have the message: leave it out of the report, so the
+            # server marks it unknown instead of sending it again.
+            log.exception("worker %s: recipient %s: unexpected send error", self.worker_id, rid)
+            run.finished(self.clock())
+            return None
+        done = self.clock()
+        run.finished(done)
+        return {"id": rid, "status": "sent", "provider_id": str(provider_id)[:255] or "(none)",
+                "done_ms": run.window.ms(done)}  # fmt: skip
+
+    def _failed(self, recipient: dict, exc: Exception, window: Window) -> dict:
+        return {
+            "id": recipient["id"],
+            "status": "failed",
+            "permanent": bool(getattr(exc, "permanent", False)),
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "done_ms": window.ms(self.clock()),
+        }
