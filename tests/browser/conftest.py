@@ -33,8 +33,6 @@ from django.conf import settings
 from django.test import Client
 from playwright.sync_api import Page, sync_playwright
 
-from emailops.celery import app
-from sending import tasks
 from tests.conftest import _missing
 from tests.factories import SuperUserFactory, UserFactory
 
@@ -137,31 +135,12 @@ def operator_user(live):
 
 
 @pytest.fixture(autouse=True)
-def conductor_kicks(monkeypatch):
-    """The tasks that wake a customer's conductor, as sent to the broker: here an in-memory one
-    that the test reads, rather than the configured Redis, where nothing would consume them (no
-    Celery worker runs in these tests, and none is needed to see that a send started)."""
-    publisher = app.connection_for_write("memory://")
-    monkeypatch.setattr(
-        tasks.conduct,
-        "delay",
-        lambda *args: tasks.conduct.apply_async(args, connection=publisher),
-    )
-    reader = app.connection_for_read("memory://")
-    queue = reader.SimpleQueue("celery")
-    queue.clear()
+def conductor_kicks(enqueued_tasks):
+    """Customer ids of the conductor ticks the pages' actions enqueued since the last call, read
+    back from the broker (no Celery worker runs in these tests, and none is needed to see that
+    a send started)."""
 
     def kicked() -> list[int]:
-        """Customer ids of the conduct tasks sent since the last call."""
-        customer_ids = []
-        while queue.qsize():
-            message = queue.get(block=False)
-            message.ack()
-            if message.headers["task"] == tasks.conduct.name:
-                customer_ids.append(message.payload[0][0])
-        return customer_ids
+        return [args[0] for name, args in enqueued_tasks.take() if name == "sending.tasks.conduct"]
 
-    yield kicked
-    queue.close()
-    reader.release()
-    publisher.release()
+    return kicked
