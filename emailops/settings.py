@@ -11,6 +11,8 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
+from emailops.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -61,6 +63,7 @@ INSTALLED_APPS = [
     "simple_history",
     "django_celery_beat",
     "channels",
+    "emailops",
     "customers",
     "sending",
 ]
@@ -180,6 +183,10 @@ LOCAL_WORKER_MODE = env.str("LOCAL_WORKER_MODE", default="thread")
 LOCAL_WORKER_TIMEOUT_S = env.float("LOCAL_WORKER_TIMEOUT_S", default=60)
 WORKER_API_URL = env.str("WORKER_API_URL", default="http://127.0.0.1:8000/api/worker/v1/")
 LAMBDA_FUNCTION_NAME = env.str("LAMBDA_FUNCTION_NAME", default="emailops-worker")
+# The worker function's reserved concurrency, when it has one: `make deploy` sets it on the
+# function, and `manage.py check --database default` warns when the active customers'
+# max_workers add up to more.
+LAMBDA_RESERVED_CONCURRENCY = env.int("LAMBDA_RESERVED_CONCURRENCY", default=None)
 AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 # Conductor: one tick per customer about every CONDUCTOR_TICK_MS; a chain that stops renewing its
 # lease for CONDUCTOR_LEASE_S is replaced by the watchdog (run by beat every WATCHDOG_S).
@@ -189,9 +196,11 @@ WATCHDOG_S = env.float("WATCHDOG_S", default=2)
 CELERY_BEAT_SCHEDULE = {
     "watchdog": {"task": "sending.tasks.watchdog", "schedule": WATCHDOG_S},
 }
-# The container gets 120 s (Fargate's maximum stop timeout) to stop; ticks take well under a
-# second, so a warm shutdown finishes long before.
-CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=60)
+# The container gets 120 s (Fargate's maximum stop timeout) to stop. The conductor role turns
+# SIGTERM into Celery's soft shutdown (REMAP_SIGTERM=SIGQUIT): when a tick is running, Celery waits
+# this long (the whole of it, not until the tick ends), then requeues what still runs (acks_late;
+# ticks are idempotent) and exits. Ticks take well under a second.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=10)
 
 # Security. Defaults are strict when DEBUG is off; each can be relaxed by its variable.
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
@@ -203,15 +212,11 @@ SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
 if env.bool("BEHIND_TLS_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    # A conductor tick every half second and a watchdog every two would drown everything else.
-    "loggers": {
-        name: {"level": env.str("CELERY_TASK_LOG_LEVEL", default="WARNING")}
-        for name in ("celery.app.trace", "celery.worker.strategy", "celery.beat")
-    },
-}
+# LOG_FORMAT=json for production (one JSON object a line, with the customer, message, worker and
+# lease ids a line is about: see emailops/logs.py); plain for a terminal.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING = logging_config(
+    fmt=LOG_FORMAT,
+    level=env.str("LOG_LEVEL", default="INFO"),
+    task_level=env.str("CELERY_TASK_LOG_LEVEL", default="WARNING"),
+)

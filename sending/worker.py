@@ -413,6 +413,7 @@ class Worker:
             len(recipients) - len(results),
             run.elapsed_ms,
             f" (stopped: {run.halt})" if run.halt else "",
+            extra={"worker_id": self.worker_id, "lease_id": batch["lease_id"]},
         )
         self.report = report
         return report
