@@ -19,6 +19,8 @@ import logging
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 
+from pythonjsonlogger.core import RESERVED_ATTRS
+
 # The ids a log line may carry; anything else stays out of the context.
 IDS = ("customer_id", "message_id", "worker_id", "lease_id")
 
@@ -63,7 +65,8 @@ def logging_config(*, fmt: str, level: str, task_level: str) -> dict:
             # Every other attribute a record carries (the ids, `extra=`) is added as a field.
             "fmt": ["asctime", "levelname", "name", "message"],
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
-            "timestamp": False,
+            # uvicorn's copy of each message with terminal colours.
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
         },
     }
     return {

@@ -159,6 +159,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Celery's worker and beat log through Django's LOGGING (plain or JSON, with the ids), not a
+# root handler of their own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Personal data: merge data and addresses of a completed message are purged after this many days
 # by `manage.py purge_personal_data`.
