@@ -1,8 +1,9 @@
 """System checks for a deployment's configuration.
 
-- `manage.py check --deploy`: WORKER_API_URL must be https when DEBUG is off (loopback addresses
-  excepted: local runs and tests call back into this machine), and must not be loopback when the
-  workers run on Lambda, which cannot reach this machine's 127.0.0.1.
+- `manage.py check --deploy`: FIELD_ENCRYPTION_KEY holds Fernet keys; WORKER_API_URL must be
+  https when DEBUG is off (loopback addresses excepted: local runs and tests call back into this
+  machine), and must not be loopback when the workers run on Lambda, which cannot reach this
+  machine's 127.0.0.1.
 - `manage.py check --database default`: LAMBDA_RESERVED_CONCURRENCY, when set, must cover what
   the active customers' `max_workers` can ask for at once. The migrate task runs both before
   every deploy (see emailops/entrypoint.py).
@@ -89,3 +90,24 @@ def check_lambda_concurrency(app_configs=None, **kwargs):
             id="emailops.W001",
         )
     ]
+
+
+@register(Tags.security, deploy=True)
+def check_field_encryption_keys(app_configs=None, **kwargs):
+    """Every FIELD_ENCRYPTION_KEY entry must be a Fernet key (the key itself is never shown)."""
+    from cryptography.fernet import Fernet
+
+    problems = []
+    for position, key in enumerate(getattr(settings, "FIELD_ENCRYPTION_KEYS", []), start=1):
+        try:
+            Fernet(key.strip())
+        except (ValueError, TypeError):
+            problems.append(
+                Error(
+                    f"FIELD_ENCRYPTION_KEY entry {position} is not a Fernet key.",
+                    hint='Make one: python -c "from cryptography.fernet import Fernet; '
+                    'print(Fernet.generate_key().decode())"',
+                    id="emailops.E004",
+                )
+            )
+    return problems

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -133,11 +134,19 @@ def web(env) -> int:
         ssl_keyfile=keyfile,
     )
     server = WebServer(config, registration)
+    # uvicorn re-raises the signal it stopped for once it is done, with the handlers it found:
+    # a stop that ECS asked for is a clean exit.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
     server.run()
     if server.failed is not None:
         print(f"emailops web: {server.failed}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
 
 
 class WebServer(uvicorn.Server):

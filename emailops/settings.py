@@ -44,6 +44,9 @@ def _required_in_production(name: str, make) -> str:
 
 
 SECRET_KEY = _required_in_production("SECRET_KEY", get_random_secret_key)
+# Previous keys, still accepted when reading signed values (sessions, worker tokens) during a
+# rotation: see docs/runbook.md.
+SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 # Comma-separated Fernet keys for provider credentials; the first encrypts, all decrypt (rotation).
 FIELD_ENCRYPTION_KEYS = _required_in_production(
     "FIELD_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
@@ -106,6 +109,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE", "timeout": 30}
     )
 else:
+    # On ECS the password comes from Secrets Manager on its own, and DATABASE_URL carries none.
+    if env.str("DATABASE_PASSWORD", default=""):
+        DATABASES["default"]["PASSWORD"] = env.str("DATABASE_PASSWORD")
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
