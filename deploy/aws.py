@@ -1,6 +1,7 @@
-"""Push the image and deploy a release to AWS with boto3: what `make push` and `make deploy` run.
+"""Deploy a release to AWS with boto3: what `make push` and `make deploy` run.
 
-    python -m deploy.aws push   --image emailops:SHA (--repository URI | --stack NAME)
+    python -m deploy.aws ecr-login                        # the engine logs in to ECR
+    python -m deploy.aws output RepositoryUri --stack NAME   # one of the stack's outputs
     python -m deploy.aws deploy --image URI:SHA --lambda-zip ZIP (--stack NAME | --outputs FILE)
     python -m deploy.aws render --image URI:SHA (--stack NAME | --outputs FILE)   # print, no calls
 
@@ -308,38 +309,36 @@ def deploy(args) -> None:
 # --- push -------------------------------------------------------------------------------------
 
 
-def push(args) -> None:
-    repository = args.repository or load_outputs(args)["RepositoryUri"]
-    tag = args.image.rsplit(":", 1)[1] if ":" in args.image.rsplit("/", 1)[-1] else "latest"
-    target = f"{repository}:{tag}"
+def ecr_login(args) -> None:
+    """Log the engine in to this account's registry; the password goes through stdin."""
     token = client("ecr", args.region).get_authorization_token()["authorizationData"][0]
     user, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
     registry = token["proxyEndpoint"].removeprefix("https://")
-    engine = args.engine
-    subprocess.run([engine, "login", "--username", user, "--password-stdin", registry],
+    subprocess.run([args.engine, "login", "--username", user, "--password-stdin", registry],
                    input=password, text=True, check=True)  # fmt: skip
-    subprocess.run([engine, "tag", args.image, target], check=True)
-    subprocess.run([engine, "push", target], check=True)
-    say(f"pushed {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.aws", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("command", choices=("push", "deploy", "render"))
-    parser.add_argument("--image", required=True)
+    parser.add_argument("command", choices=("deploy", "render", "ecr-login", "output"))
+    parser.add_argument("name", nargs="?", help="output: the stack output to print")
+    parser.add_argument("--image", help="deploy, render: the image URI with its tag")
     parser.add_argument("--stack", default=os.environ.get("STACK"))
     parser.add_argument("--outputs", help="a JSON file of the stack's outputs, instead of --stack")
     parser.add_argument("--region", default=os.environ.get("AWS_REGION", "us-east-1"))
-    parser.add_argument("--repository", help="the ECR repository URI (default: the stack's)")
     parser.add_argument("--engine", default=os.environ.get("ENGINE", "podman"))
     parser.add_argument("--lambda-zip", default="dist/emailops-worker.zip")
     parser.add_argument("--migrate-timeout", type=float, default=900)
     args = parser.parse_args(argv)
     try:
-        if args.command == "push":
-            push(args)
+        if args.command in ("deploy", "render") and not args.image:
+            raise DeployError(f"{args.command} needs --image URI:TAG")
+        if args.command == "ecr-login":
+            ecr_login(args)
+        elif args.command == "output":
+            print(load_outputs(args)[args.name])
         elif args.command == "deploy":
             deploy(args)
         else:

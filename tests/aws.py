@@ -1,9 +1,10 @@
 """AWS for tests: moto's own server on an ephemeral port (real HTTP, as boto3 talks to AWS).
 
-    from tests.aws import moto_server  # noqa: F401  (a fixture)
+from tests.aws import moto_server  # noqa: F401  (a fixture)
 """
 
 import pytest
+import requests
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -29,5 +30,10 @@ def moto_server(monkeypatch):
         monkeypatch.setenv(key, value)
     server.url = url
     server.env = env
+    # moto's backends live in this process: start from nothing, whatever a test before made.
+    requests.post(f"{url}/moto-api/reset", timeout=10).raise_for_status()
     yield server
+    requests.post(f"{url}/moto-api/reset", timeout=10)
+    requests.post(f"{url}/moto-api/state-manager/unset-transition",
+                  json={"model_name": "ecs::task"}, timeout=10)  # fmt: skip
     server.stop()

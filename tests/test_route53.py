@@ -93,8 +93,13 @@ def closed_port() -> int:
 
 
 def registration(zone_id, uri, **kw):
-    env = {"ROUTE53_ZONE_ID": zone_id, "ROUTE53_RECORD_NAME": RECORD.rstrip("."),
-           "ECS_CONTAINER_METADATA_URI_V4": uri, "ROUTE53_TTL": "10", **kw}  # fmt: skip
+    env = {
+        "ROUTE53_ZONE_ID": zone_id,
+        "ROUTE53_RECORD_NAME": RECORD.rstrip("."),
+        "ECS_CONTAINER_METADATA_URI_V4": uri,
+        "ROUTE53_TTL": "10",
+        **kw,
+    }
     return Registration.from_env(env)
 
 
@@ -219,13 +224,21 @@ def healthy(url):
 
 
 def test_the_web_role_registers_once_it_serves_and_deregisters_on_sigterm(
-    tmp_path, zone, metadata, moto_server  # noqa: F811
+    tmp_path,
+    zone,
+    metadata,
+    moto_server,  # noqa: F811
 ):
     server = metadata(task_id="task-web", ipv4="10.40.2.50")
     process, url = start_web(
         tmp_path,
-        {**moto_server.env, "ROUTE53_ZONE_ID": zone, "ROUTE53_RECORD_NAME": RECORD,
-         "ECS_CONTAINER_METADATA_URI_V4": server.uri, "ROUTE53_DRAIN_S": "1"},  # fmt: skip
+        {
+            **moto_server.env,
+            "ROUTE53_ZONE_ID": zone,
+            "ROUTE53_RECORD_NAME": RECORD,
+            "ECS_CONTAINER_METADATA_URI_V4": server.uri,
+            "ROUTE53_DRAIN_S": "1",
+        },
     )
     try:
         assert wait_until(lambda: healthy(url) and records(zone)), process
@@ -243,10 +256,14 @@ def test_the_web_role_registers_once_it_serves_and_deregisters_on_sigterm(
 
 
 def test_the_web_role_exits_non_zero_when_it_cannot_register(tmp_path, zone):
-    process, url = start_web(
+    process, _ = start_web(
         tmp_path,
-        {"ROUTE53_ZONE_ID": zone, "ROUTE53_RECORD_NAME": RECORD, "ROUTE53_TIMEOUT_S": "1",
-         "ECS_CONTAINER_METADATA_URI_V4": f"http://127.0.0.1:{closed_port()}/v4"},  # fmt: skip
+        {
+            "ROUTE53_ZONE_ID": zone,
+            "ROUTE53_RECORD_NAME": RECORD,
+            "ROUTE53_TIMEOUT_S": "1",
+            "ECS_CONTAINER_METADATA_URI_V4": f"http://127.0.0.1:{closed_port()}/v4",
+        },
     )
     try:
         code = process.wait(60)

@@ -113,8 +113,11 @@ def test_the_handler_sends_a_message_from_the_unzipped_package(package, asgi_ser
             for i in range(45)
         )
         worker, token = checkin.worker_start(customer_id=customer.pk)
-        event = {"api_url": f"{asgi_server.url}/api/worker/v1/", "token": token,
-                 "worker_id": worker.pk}  # fmt: skip
+        event = {
+            "api_url": f"{asgi_server.url}/api/worker/v1/",
+            "token": token,
+            "worker_id": worker.pk,
+        }
         summary = run_from_zip(unzipped, event)
     finally:
         sandbox.stop()
