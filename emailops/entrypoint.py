@@ -91,16 +91,15 @@ def role_env(role: str, env) -> dict[str, str]:
 # --- web --------------------------------------------------------------------------------------
 
 
-def _tls_files(env) -> tuple[str | None, str | None]:
+def _tls_files(env, folder: Path) -> tuple[str | None, str | None]:
     """TLS for the load-balancer-less setup: files (TLS_CERT_FILE/TLS_KEY_FILE), or PEM text in
-    TLS_CERT/TLS_KEY (as ECS injects a secret), written to files only this user can read."""
+    TLS_CERT/TLS_KEY (as ECS injects a secret), written into `folder` (only this user's)."""
     if env.get("TLS_CERT_FILE"):
         return env["TLS_CERT_FILE"], env.get("TLS_KEY_FILE") or None
     if not env.get("TLS_CERT"):
         return None, None
     if not env.get("TLS_KEY"):
         raise SystemExit("TLS_CERT is set but TLS_KEY is not")
-    folder = Path(tempfile.mkdtemp(prefix="emailops-tls-"))
     paths = []
     for name in ("TLS_CERT", "TLS_KEY"):
         path = folder / name.lower()
@@ -120,14 +119,20 @@ def web(env) -> int:
     except RegistrationError as exc:
         print(f"emailops web: {exc}", file=sys.stderr)
         return 2
-    certfile, keyfile = _tls_files(env)
+    with tempfile.TemporaryDirectory(prefix="emailops-tls-") as folder:
+        return _serve(env, registration, *_tls_files(env, Path(folder)))
+
+
+def _serve(env, registration: Registration | None, certfile, keyfile) -> int:
     config = uvicorn.Config(
         "emailops.asgi:application",
         host=env.get("HOST", "0.0.0.0"),  # noqa: S104  (a container's own interface)
         port=_env_int(env, "PORT", 8000),
         lifespan="off",
         log_config=None,  # Django's LOGGING (plain or JSON) already configured the root logger
-        timeout_graceful_shutdown=_env_int(env, "WEB_GRACEFUL_SHUTDOWN_S", 30),
+        # Requests are short; an idle TLS keep-alive connection (a worker's) would otherwise hold
+        # the stop for asyncio's 30 s TLS shutdown timeout.
+        timeout_graceful_shutdown=_env_int(env, "WEB_GRACEFUL_SHUTDOWN_S", 10),
         # Workers check in several times a second; the load balancer keeps access logs.
         access_log=env.get("WEB_ACCESS_LOG", "false").lower() in ("1", "true", "yes"),
         ssl_certfile=certfile,
