@@ -49,9 +49,9 @@ base() {
     localhost/*) ;;
     *) log "$BASE_IMAGE is not here and builds never pull (--pull=never): pull it first"; exit 1 ;;
   esac
-  local tmp
-  tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
+  BASE_TMP="$(mktemp -d)"
+  trap 'rm -rf "$BASE_TMP"' EXIT
+  local tmp="$BASE_TMP"
   log "building $BASE_IMAGE with mmdebstrap (Debian bookworm: python3, python3-venv)"
   local hooks=()
   if [ -n "${EXTRA_CA:-}" ]; then
