@@ -12,8 +12,8 @@ network:
 4. a real send: a sandbox provider in this process (no cap of its own; the counts per window are
    checked here), a customer with a small cap per short window (SEND_WINDOW_MS) and a few hundred
    recipients, started with `sending.services.message_start`;
-5. once a third of them are sent, SIGTERM to the conductor, timed until its container exits;
-   then a new conductor finishes the send;
+5. once a third of them are sent (`--sigterms N`: at N evenly spaced points), SIGTERM to the
+   conductor, timed until its container exits; then a new conductor takes over and finishes;
 6. at the provider: no window over the cap, no duplicate, every recipient terminal, and the
    database agreeing with what arrived; then SIGTERM to web and beat, each timed.
 
@@ -50,9 +50,13 @@ def log(text: str) -> None:
 
 def sh(*args, check=True, capture=True, env=None, timeout=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(a) for a in args], check=check, capture_output=capture, text=True,
-        env=env, timeout=timeout,
-    )  # fmt: skip
+        [str(a) for a in args],
+        check=check,
+        capture_output=capture,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def local_image(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -119,8 +123,18 @@ class Containers:
 
     def start(self, role: str, name: str, *, detach=True, extra_env=()) -> str | int:
         full = f"eo-image-test-{name}-{self.suffix}"
-        args = ["run", "--name", full, "--network", "host", "--env-file", self.env_file,
-                "-v", f"{self.certs}:/certs:ro", "--no-healthcheck"]  # fmt: skip
+        args = [
+            "run",
+            "--name",
+            full,
+            "--network",
+            "host",
+            "--env-file",
+            self.env_file,
+            "-v",
+            f"{self.certs}:/certs:ro",
+            "--no-healthcheck",
+        ]
         for item in extra_env:
             args += ["-e", item]
         self.names.append(full)
@@ -243,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipients", type=int, default=300)
     parser.add_argument("--cap", type=int, default=60, help="sends per window")
     parser.add_argument("--window-ms", type=int, default=10_000)
+    parser.add_argument("--sigterms", type=int, default=1, help="conductor stops during the send")
     parser.add_argument("--logs", type=Path, default=ROOT / "var" / "image-test")
     args = parser.parse_args(argv)
     figures: dict = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -257,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         figures["build_s"] = round(time.monotonic() - began, 1)
     image = local_image("name").stdout.strip()
     figures["image"] = image
-    figures["image_bytes"] = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", image)
-                                 .stdout.strip())  # fmt: skip
+    figures["image_bytes"] = int(
+        sh("podman", "image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
+    )
 
     from cryptography.fernet import Fernet
 
@@ -330,28 +346,44 @@ def main(argv: list[str] | None = None) -> int:
         began = time.monotonic()
         services.message_start(message_id=message_id)
         log(f"message {message_id} started: {args.recipients} recipients, {args.cap} a window")
-        wait_for(lambda: counts(message_id).get("sent", 0) >= args.recipients // 3, 180, 0.2,
-                 "a third of the recipients sent")  # fmt: skip
-        log(f"SIGTERM to the conductor at {counts(message_id)}")
-        seconds, code = containers.signal_and_wait(conductor)
-        figures["conductor_sigterm_to_exit_s"] = round(seconds, 2)
-        figures["conductor_exit_code"] = code
-        log(f"conductor exited {code} after {seconds:.2f} s")
-        containers.start("conductor", "conductor2")
+        stops = []
+        for n in range(1, args.sigterms + 1):
+            # Stop the conductor at evenly spaced points of the send, while it ticks.
+            target = args.recipients * n // (args.sigterms + 2)
+            wait_for(
+                lambda target=target: counts(message_id).get("sent", 0) >= target,
+                180,
+                0.2,
+                f"{target} recipients sent",
+            )
+            log(f"SIGTERM to the conductor at {counts(message_id)}")
+            seconds, code = containers.signal_and_wait(conductor)
+            stops.append({"seconds": round(seconds, 2), "exit_code": code})
+            log(f"conductor exited {code} after {seconds:.2f} s")
+            conductor = containers.start("conductor", f"conductor{n + 1}")
+        figures["conductor_sigterm_to_exit_s"] = max(stop["seconds"] for stop in stops)
+        figures["conductor_stops"] = stops
 
         from sending.models import Message
 
         wait_for(
             lambda: Message.objects.get(pk=message_id).status == Message.Status.COMPLETED,
-            300, 0.5, "the message to complete",
-        )  # fmt: skip
+            300,
+            0.5,
+            "the message to complete",
+        )
         figures["send_s"] = round(time.monotonic() - began, 1)
         checked = verify(message_id, sandbox, cap=args.cap, window_ms=args.window_ms)
         figures["send"] = checked
         if checked["message_status"] != "completed":
             problems.append("message not completed")
-        for key in ("duplicates", "windows_over_cap", "not_terminal", "sent_not_arrived",
-                    "arrived_not_sent_or_unknown"):  # fmt: skip
+        for key in (
+            "duplicates",
+            "windows_over_cap",
+            "not_terminal",
+            "sent_not_arrived",
+            "arrived_not_sent_or_unknown",
+        ):
             if checked[key]:
                 problems.append(f"{key}: {checked[key]}")
         for name, container in (("web", web), ("beat", beat)):
