@@ -82,6 +82,13 @@ wheelhouse() {
   if [ -n "$HOST_CA" ] && [ -f "$HOST_CA" ]; then
     ca=(-v "$(realpath "$HOST_CA"):/etc/emailops-host-ca.pem:ro" -e PIP_CERT=/etc/emailops-host-ca.pem)
   fi
+  # Skipped when it was last filled for these very requirements and this base.
+  local stamp="$WHEELHOUSE/.filled-for" want
+  want="$(sha256sum requirements.txt | cut -d' ' -f1) $(podman image inspect --format '{{.Id}}' "$BASE_IMAGE")"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    log "wheelhouse $WHEELHOUSE is up to date"
+    return 0
+  fi
   log "wheelhouse $WHEELHOUSE for requirements.txt (pip of $BASE_IMAGE)"
   run --rm --network host "${ca[@]}" \
     -v "$(realpath requirements.txt):/src/requirements.txt:ro" \
@@ -93,6 +100,7 @@ wheelhouse() {
       get="$get -r /src/requirements.txt -d /wheels"
       # Nothing to fetch when the wheelhouse already holds every requirement.
       $get --no-index --find-links /wheels >/dev/null 2>&1 || $get --cache-dir /pip-cache' >&2
+  echo "$want" >"$stamp"
 }
 
 build() {
