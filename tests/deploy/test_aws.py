@@ -323,29 +323,11 @@ def infrastructure(moto_server, tmp_path):  # noqa: F811
     return path, zip_path
 
 
-def run_deploy(outputs, zip_path, env, *extra):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.aws",
-            "deploy",
-            "--outputs",
-            str(outputs),
-            "--image",
-            IMAGE,
-            "--lambda-zip",
-            str(zip_path),
-            "--migrate-timeout",
-            "30",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def run_deploy(outputs, zip_path, env, *, migrate_timeout="30"):
+    command = [sys.executable, "-m", "deploy.aws", "deploy", "--outputs", str(outputs)]
+    command += ["--image", IMAGE, "--lambda-zip", str(zip_path)]
+    command += ["--migrate-timeout", migrate_timeout]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_deploy_registers_migrates_updates_services_and_the_worker_function(
@@ -417,27 +399,7 @@ def test_deploy_stops_before_the_services_when_the_migrate_task_does_not_finish(
     requests.post(
         f"{moto_server.url}/moto-api/state-manager/set-transition", json=transition, timeout=10
     ).raise_for_status()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.aws",
-            "deploy",
-            "--outputs",
-            str(outputs),
-            "--image",
-            IMAGE,
-            "--lambda-zip",
-            str(zip_path),
-            "--migrate-timeout",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_deploy(outputs, zip_path, env, migrate_timeout="2")
     assert result.returncode == 1
     assert "the migrate task is still" in result.stderr
     services = boto3.client("ecs").describe_services(
@@ -448,22 +410,5 @@ def test_deploy_stops_before_the_services_when_the_migrate_task_does_not_finish(
 
 def test_deploy_without_a_package_says_what_to_run(infrastructure, moto_server):  # noqa: F811
     outputs, _ = infrastructure
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.aws",
-            "deploy",
-            "--outputs",
-            str(outputs),
-            "--image",
-            IMAGE,
-            "--lambda-zip",
-            "/nonexistent.zip",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **moto_server.env},
-        capture_output=True,
-        text=True,
-    )
+    result = run_deploy(outputs, "/nonexistent.zip", {**os.environ, **moto_server.env})
     assert result.returncode == 1 and "run `make lambda` first" in result.stderr
