@@ -276,6 +276,28 @@ def main(argv: list[str] | None = None) -> int:
         sh("podman", "image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
     )
 
+    # The image as built: its own user, code it cannot change, no secrets or local state.
+    inside = local_image(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "id -u; test ! -e /app/var && echo no-var; touch /app/x 2>/dev/null || echo read-only; "
+        "ls /app/staticfiles/admin >/dev/null && echo static",
+        check=False,
+    ).stdout.split()
+    figures["image_checks"] = inside
+    if inside != ["10001", "no-var", "read-only", "static"]:
+        problems.append(f"image checks: {inside}")
+    history = sh("podman", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+    leaked = [w for w in ("PASSWORD", "TLS_KEY", "AWS_SECRET", "PRIVATE KEY") if w in history]
+    if leaked:
+        problems.append(f"the image's history names {leaked}")
+
     from cryptography.fernet import Fernet
 
     reset_services()
