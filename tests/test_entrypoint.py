@@ -124,8 +124,10 @@ def test_the_web_role_serves_tls_from_pem_secrets_and_stops_cleanly_on_sigterm(t
     assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
 
 
-def test_the_conductor_stops_on_sigterm_through_celerys_soft_shutdown(tmp_path, redis_url):
-    process, _ = role_process(
+def test_the_conductor_answers_its_health_check_and_stops_on_sigterm_through_soft_shutdown(
+    tmp_path, redis_url
+):
+    process, env = role_process(
         "conductor",
         tmp_path,
         REDIS_URL=redis_url,
@@ -140,6 +142,17 @@ def test_the_conductor_stops_on_sigterm_through_celerys_soft_shutdown(tmp_path, 
             line = process.stdout.readline()
             assert line or process.poll() is None, "".join(lines)
             lines.append(line)
+        # The container's health check pings this very worker through the broker.
+        check = subprocess.run(
+            [sys.executable, "-m", "emailops.entrypoint", "healthcheck"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "pong" in check.stdout
         began = time.monotonic()
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0]
