@@ -43,6 +43,14 @@ def role_process(role, tmp_path, **env):
     ), full
 
 
+def container_healthcheck(env) -> subprocess.CompletedProcess:
+    """The image's HEALTHCHECK, in a process of its own as Docker or ECS runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "emailops.entrypoint", "healthcheck"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def test_the_conductor_execs_celery_with_soft_shutdown_on_sigterm():
     command = entrypoint.command("conductor", [], {"CONDUCTOR_CONCURRENCY": "4"})
     assert command[1:6] == ["-m", "celery", "-A", "emailops", "worker"]
@@ -91,14 +99,7 @@ def test_the_web_role_serves_tls_from_pem_secrets_and_stops_cleanly_on_sigterm(t
                 time.sleep(0.05)
         assert response.status_code == 200
         # The container's HEALTHCHECK, in a process of its own as Docker runs it.
-        check = subprocess.run(
-            [sys.executable, "-m", "emailops.entrypoint", "healthcheck"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        check = container_healthcheck(env)
         assert check.returncode == 0, check.stderr
         assert '"database": "ok"' in check.stdout
         # The key from the secret was written where only this user can read it.
@@ -143,14 +144,7 @@ def test_the_conductor_answers_its_health_check_and_stops_on_sigterm_through_sof
             assert line or process.poll() is None, "".join(lines)
             lines.append(line)
         # The container's health check pings this very worker through the broker.
-        check = subprocess.run(
-            [sys.executable, "-m", "emailops.entrypoint", "healthcheck"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        check = container_healthcheck(env)
         assert check.returncode == 0, check.stdout + check.stderr
         assert "pong" in check.stdout
         began = time.monotonic()
