@@ -75,9 +75,11 @@ push: $(VENV)/.dev
 	$(ENGINE) push $(ECR_IMAGE)
 
 # The worker function's zip: the handler and what it imports, wheels for Lambda's python3.11.
-lambda: $(VENV)/.dev
-	$(PY) deploy/lambda_build.py --out $(LAMBDA_ZIP) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+# Rebuilt when what goes into it changed.
+lambda: $(LAMBDA_ZIP)
+$(LAMBDA_ZIP): requirements.txt deploy/lambda_build.py $(wildcard sending/*.py) | $(VENV)/.dev
+	$(PY) deploy/lambda_build.py --out $@ $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
 # Register the task definitions, migrate, update the services, update the worker function.
-deploy: lambda
+deploy: $(LAMBDA_ZIP) | $(VENV)/.dev
 	$(PY) -m deploy.aws deploy --stack $(STACK) --region $(AWS_REGION) --image $(ECR_IMAGE) --lambda-zip $(LAMBDA_ZIP)

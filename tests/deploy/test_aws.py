@@ -412,3 +412,30 @@ def test_deploy_without_a_package_says_what_to_run(infrastructure, moto_server):
     outputs, _ = infrastructure
     result = run_deploy(outputs, "/nonexistent.zip", {**os.environ, **moto_server.env})
     assert result.returncode == 1 and "run `make lambda` first" in result.stderr
+
+
+def test_make_deploy_finds_the_stack_and_deploys_the_image_of_this_commit(
+    infrastructure,
+    moto_server,  # noqa: F811
+):
+    """`make deploy` itself: the stack's outputs and repository come from CloudFormation."""
+    outputs_file, zip_path = infrastructure
+    outputs = json.loads(outputs_file.read_text())
+    template = {
+        "Resources": {"Marker": {"Type": "AWS::SNS::Topic"}},
+        "Outputs": {key: {"Value": value} for key, value in outputs.items() if value},
+    }
+    boto3.client("cloudformation").create_stack(StackName="emailops-test",
+                                                 TemplateBody=json.dumps(template))  # fmt: skip
+    env = {**os.environ, **moto_server.env}
+    result = subprocess.run(
+        ["make", "deploy", "STACK=emailops-test", f"LAMBDA_ZIP={zip_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert "lambda_build.py" not in result.stdout  # the zip was newer than its sources
+    definition = boto3.client("ecs").describe_task_definition(taskDefinition="emailops-web")
+    image = definition["taskDefinition"]["containerDefinitions"][0]["image"]
+    assert image == f"{outputs['RepositoryUri']}:{sha}"
