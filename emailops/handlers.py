@@ -47,11 +47,18 @@ class WorkerAPIHandler(ASGIHandler):
 
 
 def http_router(site, worker_api):
-    """An ASGI app sending worker API requests to `worker_api` and the rest to `site`."""
+    """An ASGI app sending worker API requests to `worker_api`, health checks to
+    `emailops.health` and the rest to `site`."""
+    from emailops import health
 
     async def route(scope, receive, send):
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        app = worker_api if path.startswith(WORKER_API_PREFIX) else site
+        if path == health.PATH:
+            app = health.app
+        elif path.startswith(WORKER_API_PREFIX):
+            app = worker_api
+        else:
+            app = site
         await app(scope, receive, send)
 
     return route

@@ -11,6 +11,8 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
+from emailops.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -42,6 +44,9 @@ def _required_in_production(name: str, make) -> str:
 
 
 SECRET_KEY = _required_in_production("SECRET_KEY", get_random_secret_key)
+# Previous keys, still accepted when reading signed values (sessions, worker tokens) during a
+# rotation: see docs/runbook.md.
+SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 # Comma-separated Fernet keys for provider credentials; the first encrypts, all decrypt (rotation).
 FIELD_ENCRYPTION_KEYS = _required_in_production(
     "FIELD_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
@@ -61,6 +66,7 @@ INSTALLED_APPS = [
     "simple_history",
     "django_celery_beat",
     "channels",
+    "emailops",
     "customers",
     "sending",
 ]
@@ -103,6 +109,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {"init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE", "timeout": 30}
     )
 else:
+    # On ECS the password comes from Secrets Manager on its own, and DATABASE_URL carries none.
+    if env.str("DATABASE_PASSWORD", default=""):
+        DATABASES["default"]["PASSWORD"] = env.str("DATABASE_PASSWORD")
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
@@ -156,6 +165,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Celery's worker and beat log through Django's LOGGING (plain or JSON, with the ids), not a
+# root handler of their own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Personal data: merge data and addresses of a completed message are purged after this many days
 # by `manage.py purge_personal_data`.
@@ -180,6 +192,10 @@ LOCAL_WORKER_MODE = env.str("LOCAL_WORKER_MODE", default="thread")
 LOCAL_WORKER_TIMEOUT_S = env.float("LOCAL_WORKER_TIMEOUT_S", default=60)
 WORKER_API_URL = env.str("WORKER_API_URL", default="http://127.0.0.1:8000/api/worker/v1/")
 LAMBDA_FUNCTION_NAME = env.str("LAMBDA_FUNCTION_NAME", default="emailops-worker")
+# The worker function's reserved concurrency, when it has one: `make deploy` sets it on the
+# function, and `manage.py check --database default` warns when the active customers'
+# max_workers add up to more.
+LAMBDA_RESERVED_CONCURRENCY = env.int("LAMBDA_RESERVED_CONCURRENCY", default=None)
 AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 # Conductor: one tick per customer about every CONDUCTOR_TICK_MS; a chain that stops renewing its
 # lease for CONDUCTOR_LEASE_S is replaced by the watchdog (run by beat every WATCHDOG_S).
@@ -196,9 +212,11 @@ WORKER_WARMUP_MS = env.int("WORKER_WARMUP_MS", default=3_000)
 CELERY_BEAT_SCHEDULE = {
     "watchdog": {"task": "sending.tasks.watchdog", "schedule": WATCHDOG_S},
 }
-# The container gets 120 s (Fargate's maximum stop timeout) to stop; ticks take well under a
-# second, so a warm shutdown finishes long before.
-CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=60)
+# The container gets 120 s (Fargate's maximum stop timeout) to stop. The conductor role turns
+# SIGTERM into Celery's soft shutdown (REMAP_SIGTERM=SIGQUIT): when a tick is running, Celery waits
+# this long (the whole of it, not until the tick ends), then requeues what still runs (acks_late;
+# ticks are idempotent) and exits. Ticks take well under a second.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=10)
 
 # Security. Defaults are strict when DEBUG is off; each can be relaxed by its variable.
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
@@ -210,15 +228,11 @@ SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
 if env.bool("BEHIND_TLS_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    # A conductor tick every half second and a watchdog every two would drown everything else.
-    "loggers": {
-        name: {"level": env.str("CELERY_TASK_LOG_LEVEL", default="WARNING")}
-        for name in ("celery.app.trace", "celery.worker.strategy", "celery.beat")
-    },
-}
+# LOG_FORMAT=json for production (one JSON object a line, with the customer, message, worker and
+# lease ids a line is about: see emailops/logs.py); plain for a terminal.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING = logging_config(
+    fmt=LOG_FORMAT,
+    level=env.str("LOG_LEVEL", default="INFO"),
+    task_level=env.str("CELERY_TASK_LOG_LEVEL", default="WARNING"),
+)

@@ -14,6 +14,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from emailops.logs import log_ids
+
 from . import checkin as checkin_service
 from . import leases, tokens, wire
 
@@ -69,8 +71,11 @@ async def _handle(request: HttpRequest, parse, call) -> HttpResponse:
         parsed = parse(_body(request))
     except wire.BadRequest as exc:
         return _error(400, "Bad request", exc.problems)
+    report = getattr(parsed, "report", None)
+    lease_id = getattr(parsed, "lease_id", None) or getattr(report, "lease_id", None)
     try:
-        result = await sync_to_async(_in_thread, thread_sensitive=False)(call, claims, parsed)
+        with log_ids(customer_id=claims.customer_id, worker_id=claims.worker_id, lease_id=lease_id):
+            result = await sync_to_async(_in_thread, thread_sensitive=False)(call, claims, parsed)
     except wire.Forbidden as exc:
         return _error(403, f"Forbidden: {exc}")
     except wire.Conflict as exc:

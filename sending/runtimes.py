@@ -1,6 +1,6 @@
 """How workers are invoked: on this machine (local) or on AWS Lambda, chosen by WORKER_RUNTIME.
 
-Either way the same handler runs (sending/worker.py) with the same event, and `invoke` returns at
+Either way the same handler runs (sending/worker/) with the same event, and `invoke` returns at
 once with a request id: the worker reports through the worker API, never to its caller.
 
     runtime = get_runtime()

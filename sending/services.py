@@ -47,7 +47,13 @@ def _transition(message: Message, *, to: str, allowed: tuple[str, ...], verb: st
 
 
 def _record(message: Message, user, text: str) -> None:
-    log.info("message %s: %s by %s", message.pk, text, user or "the system")
+    log.info(
+        "message %s: %s by %s",
+        message.pk,
+        text,
+        user or "the system",
+        extra={"message_id": message.pk, "customer_id": message.customer_id},
+    )
     if user is not None:
         LogEntry.objects.log_actions(
             user_id=user.pk,

@@ -119,7 +119,7 @@ def _retry_after(response) -> float | None:
 
 
 class SandboxProvider(PostmarkProvider):
-    """The local sandbox (sending/sandbox.py) speaks Postmark's API: the same backend."""
+    """The local sandbox (sending/sandbox/) speaks Postmark's API: the same backend."""
 
     kind = "sandbox"
     default_api_url = SANDBOX_API_URL

@@ -130,6 +130,7 @@ class BatchSender:
             len(recipients) - len(results),
             run.elapsed_ms,
             f" (stopped: {run.halt})" if run.halt else "",
+            extra={"worker_id": self.worker_id, "lease_id": batch["lease_id"]},
         )
         self.report = report
         return report
