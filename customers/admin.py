@@ -207,6 +207,9 @@ class ProviderKindFilter(admin.ChoicesFieldListFilter):
 
 
 class CustomerAdmin(admin.ModelAdmin):
+    class Media:
+        css = {"all": ("emailops/admin.css",)}  # the send limit's history table
+
     list_display = (
         "name",
         "slug",
@@ -226,6 +229,7 @@ class CustomerAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "slug", "is_active", "provider_account", "time_zone"]}),
         ("Sender", {"fields": ["default_from_email", "default_reply_to"]}),
+        ("Alerts", {"fields": ["alert_email"]}),
         ("Notes", {"fields": ["notes"]}),
         ("Send limit history", {"fields": ["send_limit_changes"]}),
         ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
@@ -285,6 +289,9 @@ admin.site.register(Customer, CustomerAdmin)
 @admin.register(SendLimit)
 class SendLimitAdmin(SimpleHistoryAdmin):
     """Send limits on their own: operators may change these, but not the customer."""
+
+    class Media:
+        css = {"all": ("emailops/admin.css",)}
 
     list_display = (
         "customer",

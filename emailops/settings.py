@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "simple_history",
     "django_celery_beat",
+    "csp",
     "channels",
     "customers",
     "sending",
@@ -74,6 +75,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "simple_history.middleware.HistoryRequestMiddleware",
 ]
 
@@ -202,6 +204,38 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", defa
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
 if env.bool("BEHIND_TLS_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Content-Security-Policy (django-csp) on every page of the site: scripts and styles from our own
+# static files only, no inline script or style anywhere (the admin's own templates have none; ours
+# keep theirs in static/emailops/). Websockets go to the same origin ('self'). The message page's
+# HTML preview is a response of its own with its own policy (MessageAdmin.preview_view).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "frame-src": ["'self'"],
+        "frame-ancestors": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+    },
+}
+
+# Alerts (sending.alerts): also mailed to ADMINS when set, at most once per ALERT_REPEAT_S per
+# alert kind and customer. ADMINS: "Name <address>, …".
+ADMINS = [
+    (address.split("<")[0].strip(), address.split("<")[-1].rstrip(">").strip())
+    for address in env.list("ADMINS", default=[])
+]
+ALERT_MAIL_ADMINS = env.bool("ALERT_MAIL_ADMINS", default=bool(ADMINS))
+ALERT_REPEAT_S = env.float("ALERT_REPEAT_S", default=600)
+# Live pages: how often a websocket re-checks its user's permissions (a user logged out or
+# demoted is disconnected within this).
+LIVE_PERMISSION_RECHECK_S = env.float("LIVE_PERMISSION_RECHECK_S", default=5)
 
 LOGGING = {
     "version": 1,

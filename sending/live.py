@@ -39,6 +39,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 
 from customers.models import Customer, ProviderAccount, SendLimit
+from customers.services import STEERABLE_FIELDS
 
 from . import planner
 from .models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
@@ -160,7 +161,11 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
                 rows["leases"][_ms(at)] = {"open": count, "size": size, "started": started}
             elif kind == "workers":
                 n, rate, throttled = values[:3]
-                rows["workers"] = (int(n), float(rate) if rate is not None else None, int(throttled or 0))
+                rows["workers"] = (
+                    int(n),
+                    float(rate) if rate is not None else None,
+                    int(throttled or 0),
+                )
             elif kind == "limits":
                 per_minute, max_workers, concurrency, paused, account_cap = values[:5]
                 rows["limits"] = {
@@ -365,6 +370,7 @@ def overview_line(sample: dict) -> dict:
         "rate_per_s": sample["rate_per_s"],
         "eta_s": sample["eta_s"],
         "throttled": sample["minute"]["throttled"] + previous["throttled"],
+        "minute": {k: sample["minute"][k] for k in ("t", "sent", "cap")},
         "alerts": sample.get("alerts", []),
     }
 
@@ -415,17 +421,11 @@ def _publish_final(customer_id: int, now_ms: int) -> None:
 
 
 def publish_annotation(*, customer_id: int, annotation: dict) -> None:
-    """A change of limits, drawn on the customer's charts (after commit)."""
-    _append_annotation(customer_id, annotation)
+    """A change of limits, drawn on the customer's charts (after commit). Pages opened later
+    read the same from the send limit's history (`limit_changes`)."""
     if watched(customer_id):
         message = {"type": "live.annotation", "annotation": annotation}
         transaction.on_commit(lambda: publish([(customer_group(customer_id), message)]))
-
-
-def _append_annotation(customer_id: int, annotation: dict) -> None:
-    key = _key("notes", customer_id)
-    notes = (cache.get(key) or [])[-50:]
-    cache.set(key, [*notes, annotation], HISTORY_HOURS * 3600)
 
 
 # --- publishing -----------------------------------------------------------------------------
@@ -452,9 +452,7 @@ def _publisher_loop(layer) -> asyncio.AbstractEventLoop | None:
     with _loop_lock:
         if _loop is None or _loop.is_closed():
             loop = asyncio.new_event_loop()
-            threading.Thread(
-                target=loop.run_forever, name="live-publisher", daemon=True
-            ).start()
+            threading.Thread(target=loop.run_forever, name="live-publisher", daemon=True).start()
             _loop = loop
         return _loop
 
@@ -522,6 +520,32 @@ def history(customer_id: int, now_ms: int, *, hours: int = HISTORY_HOURS) -> lis
     ]
 
 
+def limit_changes(customer_id: int, *, since) -> list[dict]:
+    """The send limit's recorded changes since `since`: the charts' annotations."""
+    records = list(
+        SendLimit.history.filter(customer_id=customer_id, history_date__gte=since)
+        .select_related("history_user")
+        .order_by("history_date", "history_id")
+    )
+    notes = []
+    previous = None
+    for record in records:
+        if previous is not None:
+            delta = record.diff_against(previous, included_fields=STEERABLE_FIELDS)
+            if delta.changes:
+                notes.append(
+                    {
+                        "t": _ms(record.history_date),
+                        "who": record.history_user.get_username() if record.history_user else "",
+                        "text": ", ".join(
+                            f"{c.field.replace('_', ' ')} {c.old} → {c.new}" for c in delta.changes
+                        ),
+                    }
+                )
+        previous = record
+    return notes
+
+
 def snapshot(customer_id: int, now_ms: int) -> dict:
     """Everything a customer's live page draws: per-minute history from the ledger, the
     per-second points of the last ten minutes from the cache, the last sample, annotations."""
@@ -535,9 +559,13 @@ def snapshot(customer_id: int, now_ms: int) -> dict:
         "t": now_ms,
         "window_ms": _window_ms(),
         "minutes": history(customer_id, now_ms),
-        "seconds": [p for p in state.get("seconds") or [] if p[0] * 1000 > now_ms - SECONDS_KEPT * 1000],
+        "seconds": [
+            p for p in state.get("seconds") or [] if p[0] * 1000 > now_ms - SECONDS_KEPT * 1000
+        ],
         "sample": last,
-        "annotations": cache.get(_key("notes", customer_id)) or [],
+        "annotations": limit_changes(
+            customer_id, since=_dt(now_ms) - timedelta(hours=HISTORY_HOURS)
+        ),
         "sending": bool(state),
     }
 

@@ -63,9 +63,7 @@ def eta(
     pages' steadied rate); it replaces the plan once RECENT_MIN_SECONDS of it are known.
     `window_s` is the provider's counting window (60 s; tests shorten it).
     """
-    rate, reason = planned_per_minute(
-        per_minute=per_minute, account_cap=account_cap, paused=paused
-    )
+    rate, reason = planned_per_minute(per_minute=per_minute, account_cap=account_cap, paused=paused)
     per_s = rate / window_s
     if not paused and recent_per_s is not None and recent_seconds >= RECENT_MIN_SECONDS:
         per_s = min(recent_per_s, per_s) if per_s else recent_per_s

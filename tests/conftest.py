@@ -47,6 +47,15 @@ def redis_url():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cache():
+    """The live pages keep per-customer state in the cache (Redis under REDIS_URL), keyed by
+    customer id: a test must not find an earlier test's."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
