@@ -308,9 +308,7 @@ class MessageAdmin(admin.ModelAdmin):
         if message is None:
             raise Http404
         preview = message_preview(message=message)
-        response = HttpResponse(
-            preview.html or "", content_type="text/html; charset=utf-8"
-        )
+        response = HttpResponse(preview.html or "", content_type="text/html; charset=utf-8")
         response["Content-Security-Policy"] = (
             "default-src 'none'; style-src 'unsafe-inline'; img-src * data:; font-src * data:; "
             "sandbox"

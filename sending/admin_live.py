@@ -15,6 +15,7 @@ from django.http import HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils.timezone import localtime
 
 from customers.models import PER_MINUTE_MAX, Customer, SendLimit
 from customers.services import STEERABLE_FIELDS, send_limit_steer
@@ -84,7 +85,14 @@ def customer_live_view(request, customer_id: int):
         "limit": customer.send_limit,
         "snapshot": snapshot,
         "sample": snapshot["sample"],
-        "minutes": list(reversed(snapshot["minutes"][-60:])),
+        "minutes": [
+            {**row, "at": localtime(live._dt(row["t"]), customer.time_zone)}
+            for row in reversed(snapshot["minutes"][-60:])
+        ],
+        "annotations": [
+            {**note, "at": localtime(live._dt(note["t"]), customer.time_zone)}
+            for note in snapshot["annotations"]
+        ],
         "errors": _recent_errors(customer.pk),
         "form": SteerForm(limit=customer.send_limit) if can_steer else None,
         "can_steer": can_steer,

@@ -128,7 +128,7 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
         LEFT JOIN {ProviderAccount._meta.db_table} a ON a.id = c.provider_account_id
         WHERE s.customer_id = %s
         UNION ALL
-        SELECT 'conductor', k.heartbeat_at, k.ticks, 0, 0, 0, 0, 0, 0
+        SELECT 'conductor:' || k.holder, k.heartbeat_at, k.ticks, 0, 0, 0, 0, 0, 0
         FROM {ConductorLease._meta.db_table} k WHERE k.customer_id = %s
     """  # noqa: S608 - table names and placeholders only
     params = [
@@ -149,7 +149,7 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
         "leases": {},
         "workers": (0, None, 0),
         "limits": None,
-        "conductor": (None, 0),
+        "conductor": (None, ""),
     }
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -175,8 +175,8 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
                     "paused": bool(paused),
                     "account_cap": None if account_cap is None else int(account_cap),
                 }
-            elif kind == "conductor":
-                rows["conductor"] = (_ms(at), int(values[0]))
+            elif kind.startswith("conductor:"):
+                rows["conductor"] = (_ms(at), kind.removeprefix("conductor:"))
         rows["messages"] = list(
             Message.objects.filter(
                 customer_id=customer_id,
@@ -323,7 +323,7 @@ def build(customer_id: int, now_ms: int, state: dict | None) -> tuple[dict, dict
         )
         claimed_before[m["id"]] = claimed
 
-    heartbeat_ms, ticks = rows["conductor"]
+    heartbeat_ms, holder = rows["conductor"]
     sample = {
         "customer": customer_id,
         "t": now_ms,
@@ -339,7 +339,7 @@ def build(customer_id: int, now_ms: int, state: dict | None) -> tuple[dict, dict
         if all(m["eta_s"] is not None for m in messages)
         else None,
         "messages": messages,
-        "conductor": {"heartbeat": heartbeat_ms, "ticks": ticks},
+        "conductor": {"heartbeat": heartbeat_ms, "holder": holder},
     }
     state.update(
         {

@@ -31,8 +31,8 @@ class Plan:
     reason: str = ""  # why the rate is what it is, for people (e.g. "paused", "account cap")
 
     @property
-    def per_second(self) -> float:
-        return self.per_minute / 60
+    def duration(self) -> str:
+        return humanize(self.seconds)
 
 
 def planned_per_minute(
@@ -77,6 +77,18 @@ def eta(
         seconds=math.ceil((ahead + remaining) / per_s),
         reason=reason,
     )
+
+
+def humanize(seconds: float | None) -> str:
+    """A duration as people read it: "45 s", "3 min 20 s", "2 h 5 min"."""
+    if seconds is None:
+        return "—"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def steady(previous: float | None, measured: float, *, dt_s: float, tau_s=STEADY_TAU_S) -> float:

@@ -117,8 +117,10 @@
     return chart;
   }
 
-  var bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined;
-  var stepped = uPlot.paths && uPlot.paths.stepped ? uPlot.paths.stepped({ align: 1 }) : undefined;
+  // The message page draws no chart and loads no uPlot.
+  var plots = typeof uPlot !== "undefined";
+  var bars = plots ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined;
+  var stepped = plots ? uPlot.paths.stepped({ align: 1 }) : undefined;
 
   // --- the customer page --------------------------------------------------------------------
 
@@ -164,8 +166,10 @@
     function minutesData() {
       return [
         minutes.map(function (m) { return m.t / 1000; }),
+        minutes.map(function (m) { return m.granted - m.refunded + m.carried_in; }),
         minutes.map(function (m) { return m.sent; }),
         minutes.map(function (m) { return m.cap; }),
+        minutes.map(function (m) { return m.failed ? m.failed : null; }),
         minutes.map(function (m) { return m.throttled ? m.throttled : null; }),
       ];
     }
@@ -175,17 +179,19 @@
       { label: "Sends/s", stroke: "#2563eb", fill: "rgba(37,99,235,0.15)", paths: stepped },
       { label: "Cap/s", stroke: "#dc2626", dash: [6, 4] },
     ], secondsData());
+    // Charged (granted, less refunds, plus sends carried in) moves as batches are granted;
+    // sent moves as they are reported.
     charts.minutes = makeChart(document.getElementById("chart-minutes"), [
-      { label: "Sent", stroke: "#2563eb", fill: "rgba(37,99,235,0.5)", paths: bars, points: { show: false } },
+      { label: "Charged", stroke: "#93c5fd", fill: "rgba(147,197,253,0.45)", paths: bars,
+        points: { show: false } },
+      { label: "Sent", stroke: "#2563eb", fill: "rgba(37,99,235,0.7)", paths: bars,
+        points: { show: false } },
       { label: "Cap", stroke: "#dc2626", dash: [6, 4], paths: stepped, points: { show: false } },
-      { label: "Throttled", stroke: "#f59e0b", width: 0, points: { show: true, size: 8, fill: "#f59e0b" } },
-    ], minutesData(), {
-      axes: [{
-        values: function (u, splits) {
-          return splits.map(function (v) { return fmtMinute.format(new Date(v * 1000)); });
-        },
-      }, { size: 60 }],
-    });
+      { label: "Failed", stroke: "#7c3aed", width: 0,
+        points: { show: true, size: 8, fill: "#7c3aed" } },
+      { label: "Throttled", stroke: "#f59e0b", width: 0,
+        points: { show: true, size: 8, fill: "#f59e0b" } },
+    ], minutesData());
     charts.workers = makeChart(document.getElementById("chart-workers"), [
       { label: "Workers", stroke: "#059669", fill: "rgba(5,150,105,0.15)", paths: stepped },
       { label: "Max workers", stroke: "#6b7280", dash: [6, 4] },
@@ -297,7 +303,8 @@
       text(field("eta"), duration(s.eta_s));
       var beat = s.conductor.heartbeat;
       text(field("conductor"), beat ? "last tick " + fmtSecond.format(new Date(beat)) +
-        " (" + s.conductor.ticks + " ticks)" : "not running");
+        (s.conductor.holder ? ", chain " + s.conductor.holder.slice(0, 8) : ", idle") :
+        "not running");
       var m = s.minute;
       Object.keys(m).forEach(function (key) {
         text(root.querySelector('[data-budget="' + key + '"]'), m[key]);
@@ -449,9 +456,15 @@
         return;
       }
       cell.setAttribute("role", "img");
+      var windowS = (snap.window_ms || 60000) / 1000;
       sparks[line.customer] = new uPlot({
         width: 160,
         height: 36,
+        // The last 30 minutes, however few of them had sends.
+        scales: { x: { time: true, range: function () {
+          var now = Date.now() / 1000;
+          return [now - 30 * windowS, now];
+        } } },
         tzDate: tzDate,
         legend: { show: false },
         cursor: { show: false },
