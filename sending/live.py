@@ -34,6 +34,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
@@ -431,6 +432,7 @@ def publish_annotation(*, customer_id: int, annotation: dict) -> None:
 # --- publishing -----------------------------------------------------------------------------
 
 _loop: asyncio.AbstractEventLoop | None = None
+_layer = None
 _loop_lock = threading.Lock()
 _consumer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -442,19 +444,25 @@ def register_consumer_loop(loop: asyncio.AbstractEventLoop) -> None:
     _consumer_loop = loop
 
 
-def _publisher_loop(layer) -> asyncio.AbstractEventLoop | None:
-    from channels.layers import InMemoryChannelLayer
+def _publisher():
+    """The layer and the event loop to publish on, or (None, None)."""
+    from channels.layers import DEFAULT_CHANNEL_LAYER, InMemoryChannelLayer, channel_layers
 
-    if isinstance(layer, InMemoryChannelLayer):
+    shared = get_channel_layer()
+    if shared is None:
+        return None, None
+    if isinstance(shared, InMemoryChannelLayer):
         loop = _consumer_loop
-        return loop if loop is not None and loop.is_running() else None
-    global _loop
+        return (shared, loop) if loop is not None and loop.is_running() else (None, None)
+    global _loop, _layer
     with _loop_lock:
         if _loop is None or _loop.is_closed():
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="live-publisher", daemon=True).start()
-            _loop = loop
-        return _loop
+            # A layer instance of its own: close_pools() closes the pools of every loop an
+            # instance has served, and the web process's consumers use the shared one.
+            _layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="live-publisher", daemon=True).start()
+        return _layer, _loop
 
 
 async def _send_all(layer, outgoing) -> None:
@@ -465,13 +473,8 @@ async def _send_all(layer, outgoing) -> None:
 def publish(outgoing: list[tuple[str, dict]], *, wait_s: float | None = None) -> bool:
     """Send (group, message) pairs through the channel layer; best effort: a channel-layer
     outage must not stop sending. With `wait_s`, wait for them to be sent (tests, benches)."""
-    from channels.layers import get_channel_layer
-
-    layer = get_channel_layer()
+    layer, loop = _publisher()
     if layer is None:
-        return False
-    loop = _publisher_loop(layer)
-    if loop is None:
         return False
     future = asyncio.run_coroutine_threadsafe(_send_all(layer, outgoing), loop)
 
@@ -486,15 +489,12 @@ def publish(outgoing: list[tuple[str, dict]], *, wait_s: float | None = None) ->
 
 
 def close_publisher(timeout_s: float = 5) -> None:
-    """Close the publisher's connection pools and stop its loop (process shutdown, tests)."""
-    global _loop
-    from channels.layers import get_channel_layer
-
+    """Close the publisher's connection pool and stop its loop (process shutdown, tests)."""
+    global _loop, _layer
     with _loop_lock:
-        loop, _loop = _loop, None
+        loop, layer, _loop, _layer = _loop, _layer, None, None
     if loop is None:
         return
-    layer = get_channel_layer()
     close = getattr(layer, "close_pools", None)
     if close is not None:
         asyncio.run_coroutine_threadsafe(close(), loop).result(timeout_s)

@@ -181,7 +181,7 @@ def test_change_page_previews_the_message_for_the_first_recipient(admin_client):
     assert "<pre>Dear &lt;Ada&gt; &amp; co</pre>" in page
     # The HTML body lives in a sandboxed iframe, served with a policy of its own (see below).
     preview_url = reverse("admin:sending_message_preview", args=[message.pk])
-    assert f'<iframe sandbox="" referrerpolicy="no-referrer"' in page
+    assert '<iframe sandbox="" referrerpolicy="no-referrer"' in page
     assert f'src="{preview_url}"' in page
     assert "<Ada>" not in page
     assert "Bob" not in page
