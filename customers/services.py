@@ -78,7 +78,10 @@ def send_limit_steer(*, customer_id: int, user, changes: dict) -> tuple[SendLimi
     unknown = set(changes) - set(STEERABLE_FIELDS)
     if unknown:
         raise ValidationError(f"These cannot be changed here: {', '.join(sorted(unknown))}.")
-    limit = SendLimit.objects.select_for_update().select_related("customer__provider_account")
+    # The limit's row only: the check-ins lock it too, and hold it briefly.
+    limit = SendLimit.objects.select_for_update(of=("self",)).select_related(
+        "customer__provider_account"
+    )
     limit = limit.get(customer_id=customer_id)
     delta = {
         name: (getattr(limit, name), value)

@@ -82,7 +82,7 @@
           ctx.fillStyle = "#b45309";
           ctx.setLineDash([4, 4]);
           ctx.font = 12 * uPlot.pxRatio + "px sans-serif";
-          notes.forEach(function (note) {
+          notes.forEach(function (note, i) {
             var x = note.t / 1000;
             if (x < u.scales.x.min || x > u.scales.x.max) {
               return;
@@ -92,7 +92,8 @@
             ctx.moveTo(px, u.bbox.top);
             ctx.lineTo(px, u.bbox.top + u.bbox.height);
             ctx.stroke();
-            ctx.fillText(note.text, px + 4, u.bbox.top + 12 * uPlot.pxRatio);
+            // Staggered, so that changes made close together stay readable.
+            ctx.fillText(note.text, px + 4, u.bbox.top + (12 + 14 * (i % 3)) * uPlot.pxRatio);
           });
           ctx.restore();
         }],
