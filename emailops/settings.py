@@ -142,7 +142,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # A consumer waits for messages with a blocking pop of up to 5 s (channels_redis's
+            # brpop_timeout); redis-py's default read timeout is also 5 s, so an idle page's
+            # wait would end in a TimeoutError and close its socket. Reads get longer.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
         }
     }
 else:

@@ -140,3 +140,23 @@ def test_an_unknown_customer_is_refused(sockets):
         assert not connected and code == 4404
 
     run(scenario)
+
+
+def test_a_page_with_nothing_to_show_for_a_while_stays_connected(sockets, redis_url):
+    """Through Redis: a page waits longer than one blocking pop (5 s) without a message."""
+    customer = CustomerFactory()
+    make_message(customer, 3)
+    cookie = session_cookie(UserFactory(groups=["Operators"]))
+
+    async def scenario():
+        socket = communicator(f"/ws/live/customer/{customer.pk}/", cookie=cookie)
+        connected, _ = await socket.connect()
+        assert connected
+        assert (await socket.receive_json_from(timeout=5))["type"] == "snapshot"
+        assert await socket.receive_nothing(timeout=7, interval=0.5)
+        now_ms = time.time_ns() // 1_000_000
+        await sync_to_async(live.on_tick)(customer_id=customer.pk, now_ms=now_ms, sending=True)
+        assert (await socket.receive_json_from(timeout=5))["type"] == "sample"
+        await socket.disconnect()
+
+    run(scenario)

@@ -226,7 +226,7 @@ def test_publishing_from_many_threads_reuses_one_pool_and_reaches_the_group(redi
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [redis_url]},
+            "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 15}]},
         }
     }
     from channels.layers import channel_layers
