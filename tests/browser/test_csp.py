@@ -1,6 +1,8 @@
 """Every admin page works under the site's Content-Security-Policy (no inline script or style):
 Chromium reports anything the policy blocks on the console, and `browse` fails the test on it."""
 
+import contextlib
+
 from django.contrib import admin
 from django.urls import NoReverseMatch, reverse
 
@@ -12,16 +14,14 @@ from tests.factories import RecipientFactory
 def _pages() -> list[str]:
     urls = [reverse("admin:index"), reverse("admin:sending_live_overview")]
     for model in sorted(admin.site._registry, key=lambda m: m._meta.label):
-        info = (model._meta.app_label, model._meta.model_name)
-        urls.append(reverse("admin:%s_%s_changelist" % info))
+        name = f"admin:{model._meta.app_label}_{model._meta.model_name}"
+        urls.append(reverse(f"{name}_changelist"))
         if admin.site._registry[model].has_add_permission(_superuser_request()):
-            urls.append(reverse("admin:%s_%s_add" % info))
+            urls.append(reverse(f"{name}_add"))
         obj = MAKERS[model._meta.label]()
-        urls.append(reverse("admin:%s_%s_change" % info, args=[obj.pk]))
-        try:
-            urls.append(reverse("admin:%s_%s_history" % info, args=[obj.pk]))
-        except NoReverseMatch:
-            pass
+        urls.append(reverse(f"{name}_change", args=[obj.pk]))
+        with contextlib.suppress(NoReverseMatch):
+            urls.append(reverse(f"{name}_history", args=[obj.pk]))
     message = Message.objects.first()
     RecipientFactory(message=message)
     urls += [
