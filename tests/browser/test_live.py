@@ -22,7 +22,12 @@ from sending.models import CustomerMinute, Message, Worker
 from sending.runtimes import LocalRuntime, shutdown_local_workers
 from sending.sandbox import Latency, SandboxServer
 from tests.factories import CustomerFactory, CustomerMinuteFactory, LeaseFactory, WorkerFactory
-from tests.sending.test_worker import API_KEY, make_customer, make_message
+from tests.sending.test_worker import (
+    API_KEY,
+    fast_minutes,  # noqa: F401  (fixture)
+    make_customer,
+    make_message,
+)
 
 WINDOW_MS = 4_000
 TICK_S = 0.2
@@ -77,13 +82,9 @@ class Conductor(threading.Thread):
 
 
 @pytest.fixture
-def fast_live(live, postgres, settings, monkeypatch):
+def fast_live(live, postgres, fast_minutes, settings):  # noqa: F811
     settings.SEND_WINDOW_MS = WINDOW_MS
-    settings.SEND_TIMEOUT_MS = 1_000
-    settings.WORKER_DEADLINE_MARGIN_MS = 1_000
-    settings.WORKER_SEND_MARGIN_MS = 300
-    settings.WORKER_API_TIMEOUT_S = 1
-    settings.WORKER_API_BACKOFF_MS = 50
+    settings.WORKER_API_TIMEOUT_S = 1  # within the guard band, as in test_faults
     settings.WORKER_API_URL = f"{live.url}/api/worker/v1/"
     settings.LIVE_PERMISSION_RECHECK_S = 0.3
     yield live
@@ -145,6 +146,12 @@ def steer(page: Page, **values) -> None:
         form.locator(f"[name={name}]").fill(str(value))
     form.get_by_role("button", name="Apply").click()
     expect(page.locator(".messagelist .success")).to_contain_text("Changed:")
+    wait_until_drawn(page)
+
+
+def wait_until_drawn(page: Page) -> None:
+    """The page's script (deferred) has run: its charts and data are there."""
+    page.wait_for_function("window.emailopsLive !== undefined && window.emailopsLive.series")
 
 
 def test_an_operator_watches_a_send_and_steers_it(browse, operator_user, sending, screenshot):
@@ -154,6 +161,7 @@ def test_an_operator_watches_a_send_and_steers_it(browse, operator_user, sending
         policy = response.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "unsafe-inline" not in policy
         expect(page.locator("#live-connection")).to_have_text("live")
+        wait_until_drawn(page)
         # Drawn: three charts' canvases, and samples arriving over the websocket.
         expect(page.locator(".live-chart canvas")).to_have_count(3)
         wait_for(page, lambda: page.evaluate("window.emailopsLive.samples") > 3,
@@ -201,6 +209,7 @@ def test_an_operator_watches_a_send_and_steers_it(browse, operator_user, sending
 
         # The message page follows the send too.
         page.goto(reverse("admin:sending_message_change", args=[message.pk]))
+        page.wait_for_function("window.emailopsLive !== undefined")
         live_progress = page.locator(".message-live progress")
         wait_for(page, lambda: page.evaluate("window.emailopsLive.samples") > 1,
                  timeout_s=10, what="samples on the message page")  # fmt: skip

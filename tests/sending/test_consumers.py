@@ -1,11 +1,14 @@
 """The live pages' websockets, through emailops.asgi's routing (origin check, sessions, auth):
 staff only, checked on connect and again while connected, forward-only."""
 
+import importlib
 import time
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.apps import apps as global_apps
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import connection
@@ -20,10 +23,14 @@ HOST = b"127.0.0.1"
 
 
 @pytest.fixture
-def sockets(transactional_db, django_db_serialized_rollback, settings, monkeypatch):
-    """The consumers' database work runs in threads of their own: close their connections."""
+def sockets(transactional_db, settings, monkeypatch):
+    """The consumers' database work runs in threads of their own, on connections of their own:
+    the test's data is committed, and those connections are closed after each use. The staff
+    groups come from a data migration, which an earlier test's flush may have removed."""
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     settings.LIVE_PERMISSION_RECHECK_S = 0.2
+    groups = importlib.import_module("customers.migrations.0002_groups")
+    groups.add_groups(global_apps, SimpleNamespace(connection=connection))
 
 
 def session_cookie(user) -> bytes:
@@ -41,11 +48,22 @@ def communicator(path, *, cookie=None, origin=b"http://127.0.0.1:8000"):
     return WebsocketCommunicator(application, path, headers=headers)
 
 
+@pytest.fixture
+def tick():
+    """A conductor's live step for a customer (autocommit: it publishes at once)."""
+
+    def tick(customer_id: int) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        live.on_tick(customer_id=customer_id, now_ms=now_ms, sending=True)
+
+    return sync_to_async(tick)
+
+
 def run(coroutine_function):
     return async_to_sync(coroutine_function)()
 
 
-def test_staff_who_may_watch_get_a_snapshot_then_samples(sockets):
+def test_staff_who_may_watch_get_a_snapshot_then_samples(sockets, tick):
     customer = CustomerFactory()
     message = make_message(customer, 5)
     cookie = session_cookie(UserFactory(groups=["Support"]))
@@ -59,8 +77,7 @@ def test_staff_who_may_watch_get_a_snapshot_then_samples(sockets):
         assert first["type"] == "snapshot"
         assert first["snapshot"]["customer"] == customer.pk
         assert live.watched(customer.pk)  # the conductor's publisher now sends samples
-        now_ms = time.time_ns() // 1_000_000
-        await sync_to_async(live.on_tick)(customer_id=customer.pk, now_ms=now_ms, sending=True)
+        await tick(customer.pk)
         sample = await socket.receive_json_from(timeout=5)
         assert sample["type"] == "sample"
         assert sample["sample"]["messages"][0]["id"] == message.pk
@@ -142,7 +159,7 @@ def test_an_unknown_customer_is_refused(sockets):
     run(scenario)
 
 
-def test_a_page_with_nothing_to_show_for_a_while_stays_connected(sockets, redis_url):
+def test_a_page_with_nothing_to_show_for_a_while_stays_connected(sockets, tick, redis_url):
     """Through Redis: a page waits longer than one blocking pop (5 s) without a message."""
     customer = CustomerFactory()
     make_message(customer, 3)
@@ -154,8 +171,7 @@ def test_a_page_with_nothing_to_show_for_a_while_stays_connected(sockets, redis_
         assert connected
         assert (await socket.receive_json_from(timeout=5))["type"] == "snapshot"
         assert await socket.receive_nothing(timeout=7, interval=0.5)
-        now_ms = time.time_ns() // 1_000_000
-        await sync_to_async(live.on_tick)(customer_id=customer.pk, now_ms=now_ms, sending=True)
+        await tick(customer.pk)
         assert (await socket.receive_json_from(timeout=5))["type"] == "sample"
         await socket.disconnect()
 
