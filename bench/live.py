@@ -499,6 +499,10 @@ def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dic
             )
         result["load_avg"] = _load()
         return result
+    except Exception:
+        for proc in fleet.procs:
+            print(f"--- {proc.name} (last lines)\n{proc.tail(2000)}", file=sys.stderr)
+        raise
     finally:
         if ticker is not None and ticker.is_alive():
             ticker.stop()

@@ -144,8 +144,12 @@ if REDIS_URL:
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # A consumer waits for messages with a blocking pop of up to 5 s (channels_redis's
             # brpop_timeout); redis-py's default read timeout is also 5 s, so an idle page's
-            # wait would end in a TimeoutError and close its socket. Reads get longer.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
+            # wait would end in a TimeoutError and close its socket: reads get longer. And
+            # redis-py's pool refuses a 101st connection in use at once (MaxConnectionsError),
+            # which a hundred pages (re)connecting together reach.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "max_connections": 1000}]
+            },
         }
     }
 else:
