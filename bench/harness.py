@@ -45,6 +45,9 @@ class FleetSpec:
     latency_ms: float = 400.0  # the sandbox's median answer time
     tick_ms: int = 500  # CONDUCTOR_TICK_MS
     celery_concurrency: int = 8
+    # Celery worker processes: one per core, as a deployment would run them (each process's
+    # ticks and worker threads share one GIL).
+    celery_workers: int = 2
     local_worker_timeout_s: int = 300
     slug_prefix: str = "bench-fleet-"
 
@@ -139,14 +142,13 @@ class Fleet:
              "--port", str(self.api_port), "--no-access-log", "--log-level", "warning"],
             env=env,
         )  # fmt: skip
-        worker = self._proc(
-            "celery-worker",
-            [sys.executable, "-m", "celery", "-A", "emailops", "worker", "--pool", "threads",
-             "--concurrency", str(spec.celery_concurrency), "-Q", "celery",
-             "-n", f"fleet-{self.run_id}@%h", "--without-mingle", "--without-gossip",
-             "--loglevel", "INFO"],
-            env=env,
-        )  # fmt: skip
+        workers = []
+        for i in range(spec.celery_workers):
+            command = [sys.executable, "-m", "celery", "-A", "emailops", "worker"]
+            command += ["--pool", "threads", "--concurrency", str(spec.celery_concurrency)]
+            command += ["-Q", "celery", "-n", f"fleet-{self.run_id}-{i}@%h"]
+            command += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+            workers.append(self._proc(f"celery-worker-{i}", command, env=env))
         beat_dir = tempfile.mkdtemp(prefix="bench-fleet-beat-")
         self._proc(
             "celery-beat",
@@ -157,7 +159,8 @@ class Fleet:
         )  # fmt: skip
         _wait_http(f"http://127.0.0.1:{self.sandbox_port}/_sandbox/report", sandbox)
         _wait_http(f"{self.web_url}/api/worker/v1/openapi.yaml", web)
-        worker.wait_for_text(" ready.")
+        for worker in workers:
+            worker.wait_for_text(" ready.")
 
     def _proc(self, name: str, command: list[str], env: dict | None = None) -> Proc:
         proc = Proc(name, command, env=env)
@@ -188,13 +191,15 @@ class Fleet:
     def delete(self) -> None:
         delete_customers(slug_prefix=self.prefix, account_prefix=self.spec.slug_prefix)
 
-    def worker_cpu_s(self, name: str) -> float:
-        """CPU seconds (user + system) of a fleet process and its threads so far."""
-        proc = next(p for p in self.procs if p.name == name)
-        with open(f"/proc/{proc.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+    def cpu_s(self, prefix: str) -> float:
+        """CPU seconds (user + system) so far of the fleet's processes named `prefix`…"""
+        total = 0.0
+        for proc in self.procs:
+            if proc.name.startswith(prefix):
+                with open(f"/proc/{proc.process.pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
 
 def insert_recipients(connection, message_id: int, n: int, *, sent: int = 0) -> None:

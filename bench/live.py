@@ -126,11 +126,24 @@ DROP TRIGGER IF EXISTS bench_live_sent ON sending_customerminute;
 CREATE TRIGGER bench_live_sent AFTER UPDATE ON sending_customerminute
     FOR EACH ROW EXECUTE FUNCTION bench_live_record();
 TRUNCATE bench_live_events;
+CREATE TABLE IF NOT EXISTS bench_live_ticks (customer_id bigint, at timestamptz);
+CREATE OR REPLACE FUNCTION bench_live_tick() RETURNS trigger AS $$
+BEGIN
+    INSERT INTO bench_live_ticks VALUES (NEW.customer_id, clock_timestamp());
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS bench_live_tick ON sending_conductorlease;
+CREATE TRIGGER bench_live_tick AFTER UPDATE OF heartbeat_at ON sending_conductorlease
+    FOR EACH ROW EXECUTE FUNCTION bench_live_tick();
+TRUNCATE bench_live_ticks;
 """
 DROP_SQL = """
 DROP TRIGGER IF EXISTS bench_live_sent ON sending_customerminute;
 DROP FUNCTION IF EXISTS bench_live_record();
 DROP TABLE IF EXISTS bench_live_events;
+DROP TRIGGER IF EXISTS bench_live_tick ON sending_conductorlease;
+DROP FUNCTION IF EXISTS bench_live_tick();
+DROP TABLE IF EXISTS bench_live_ticks;
 """
 
 
@@ -152,6 +165,20 @@ def recorded_events(customer_ids: list[int], since: float, until: float) -> list
             [customer_ids, since, until],
         )
         return [(c, round(float(m)), s, float(at)) for c, m, s, at in cursor.fetchall()]
+
+
+def ticks_per_customer(customer_ids: list[int], since: float, until: float) -> float:
+    """How often the fleet's conductors ticked: from the heartbeats each tick writes, counted by
+    a trigger like the ledger's (see TRIGGER_SQL)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM bench_live_ticks WHERE customer_id = ANY(%s)"
+            " AND at >= to_timestamp(%s) AND at <= to_timestamp(%s)",
+            [customer_ids, since, until],
+        )
+        return cursor.fetchone()[0] / len(customer_ids) / (until - since)
 
 
 # --- browser-like websocket clients ----------------------------------------------------------
@@ -438,13 +465,13 @@ def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dic
         if probe_ids:
             ticker = ProbeTicker(probe_ids, spec.tick_ms / 1000)
             ticker.start()
-        worker_cpu0 = fleet.worker_cpu_s("celery-worker")
+        worker_cpu0 = fleet.cpu_s("celery-worker")
         measure_from = started + 5  # past the first ticks and worker starts
         while time.time() < started + seconds:
             fleet.check_alive()
             time.sleep(1)
         measure_until = time.time()
-        worker_cpu = fleet.worker_cpu_s("celery-worker") - worker_cpu0
+        worker_cpu = fleet.cpu_s("celery-worker") - worker_cpu0
         if ticker is not None:
             ticker.stop()
         watchers.stop()
@@ -475,7 +502,10 @@ def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dic
                 "messages_per_s_per_customer_max": _round(max(per_customer), 2),
                 "overview_messages_per_s": _round(overview / span, 2),
                 "unwatched_messages_per_s_per_customer": _round(unwatched / UNWATCHED_S / n, 3),
-                "celery_worker_cpu_per_s": _round(worker_cpu / (measure_until - started), 2),
+                "celery_workers_cpu_per_s": _round(worker_cpu / (measure_until - started), 2),
+                "conductor_ticks_per_s_per_customer": _round(
+                    ticks_per_customer(ids, measure_from, measure_until), 2
+                ),
                 "measured_s": _round(span, 1),
             }
         )

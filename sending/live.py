@@ -178,14 +178,16 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
                 }
             elif kind.startswith("conductor:"):
                 rows["conductor"] = (_ms(at), kind.removeprefix("conductor:"))
-        rows["messages"] = list(
-            Message.objects.filter(
-                customer_id=customer_id,
-                status__in=[Message.Status.SENDING, Message.Status.PAUSED],
-            )
-            .order_by("started_at", "id")
-            .values("id", "subject", "status", "claim_after")
+        # Raw SQL too: the query compiler would cost more than the query (a tick runs often).
+        cursor.execute(
+            f"SELECT id, subject, status, claim_after FROM {Message._meta.db_table}"  # noqa: S608
+            " WHERE customer_id = %s AND status IN (%s, %s) ORDER BY started_at, id",
+            [customer_id, Message.Status.SENDING.value, Message.Status.PAUSED.value],
         )
+        rows["messages"] = [
+            {"id": i, "subject": subject, "status": status, "claim_after": cursor_at}
+            for i, subject, status, cursor_at in cursor.fetchall()
+        ]
     return rows
 
 
