@@ -199,6 +199,7 @@ class Watchers:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._tasks: list[asyncio.Future] = []
+        self._sockets: list = []
 
     def start(self, timeout_s: float = 60) -> None:
         self._thread.start()
@@ -224,6 +225,7 @@ class Watchers:
             async with connect(
                 self.ws_url + path, additional_headers=headers, max_size=2**24
             ) as ws:
+                self._sockets.append(ws)
                 first = True
                 async for raw in ws:
                     now = time.time()
@@ -235,11 +237,18 @@ class Watchers:
             self.refused.append(f"{path}: {exc}")
 
     def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        time.sleep(0.2)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        """Close every socket with a closing handshake, so the server's consumers end (and stop
+        keeping their presence) at once, as a browser closing its tabs."""
+
+        async def close_all():
+            await asyncio.gather(*(ws.close() for ws in self._sockets), return_exceptions=True)
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(30)
+            for task in self._tasks:
+                task.cancel()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
 
 
 def session_cookie() -> tuple[str, int]:
@@ -436,7 +445,9 @@ def count_unwatched(customer_ids: list[int], seconds: float) -> int:
 # --- one fleet --------------------------------------------------------------------------------
 
 
-def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dict:
+def run_fleet(
+    n: int, seconds: float, probes: int, probe_recipients: int, *, watch: bool = True
+) -> dict:
     from django.contrib.auth import get_user_model
 
     from sending import live
@@ -456,9 +467,10 @@ def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dic
         fleet.start()
         cookie, user_id = session_cookie()
         ids = [c.customer_id for c in fleet.customers]
-        watchers = Watchers(fleet.web_url, cookie, ids)
-        watchers.start()
-        print(f"[{n}] web, Celery worker and beat up; {len(ids) + 1} websockets connected; "
+        watchers = Watchers(fleet.web_url, cookie, ids if watch else [])
+        if watch:
+            watchers.start()
+        print(f"[{n}] web, Celery worker and beat up; {len(watchers.received)} websockets; "
               f"load {_load()}", flush=True)  # fmt: skip
         _sql(TRIGGER_SQL)
         started = fleet.start_sends()
@@ -482,7 +494,7 @@ def run_fleet(n: int, seconds: float, probes: int, probe_recipients: int) -> dic
             sum(1 for at, m in watchers.received[c] if m.get("type") == "sample"
                 and measure_from <= at <= measure_until) / span
             for c in ids
-        ]  # fmt: skip
+        ] if watch else [0.0]  # fmt: skip
         overview = sum(
             1 for at, m in watchers.received[None] if measure_from <= at <= measure_until
         )
@@ -561,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=75.0, help="sending time per fleet")
     parser.add_argument("--probes", type=int, default=PROBES)
     parser.add_argument("--probe-recipients", type=int, default=PROBE_RECIPIENTS)
+    parser.add_argument(
+        "--no-watchers", action="store_true", help="no websocket clients (to compare the fleet)"
+    )
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.customers.split(",")]
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
@@ -571,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         for n in sizes:
-            results[n] = run_fleet(n, args.seconds, args.probes, args.probe_recipients)
+            results[n] = run_fleet(
+                n, args.seconds, args.probes, args.probe_recipients, watch=not args.no_watchers
+            )
             print(f"[{n}] {json.dumps(results[n])}", flush=True)
     finally:
         flush_redis(redis_url)
