@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -84,16 +84,17 @@ def _window_ms() -> int:
     return int(settings.SEND_WINDOW_MS)
 
 
-def _dt(ms: int):
-    from .checkin import ms_to_datetime
-
-    return ms_to_datetime(ms)
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _ms(value) -> int | None:
-    from .checkin import _db_datetime, datetime_to_ms
-
-    return None if value is None else datetime_to_ms(_db_datetime(value))
+    """Epoch milliseconds of a datetime read by raw SQL (SQLite hands back naive UTC text)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return round(value.timestamp() * 1000)
 
 
 _MINUTE_COLUMNS = ("cap", "granted", "refunded", "carried_in", "sent", "failed", "throttled")
@@ -129,7 +130,7 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
         LEFT JOIN {ProviderAccount._meta.db_table} a ON a.id = c.provider_account_id
         WHERE s.customer_id = %s
         UNION ALL
-        SELECT 'conductor:' || k.holder, k.heartbeat_at, k.ticks, 0, 0, 0, 0, 0, 0
+        SELECT 'conductor:' || k.holder, k.heartbeat_at, 0, 0, 0, 0, 0, 0, 0
         FROM {ConductorLease._meta.db_table} k WHERE k.customer_id = %s
     """  # noqa: S608 - table names and placeholders only
     params = [
