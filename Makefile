@@ -57,6 +57,19 @@ bench: $(VENV)/.dev
 	$(PY) -m bench.import_recipients
 	$(PY) -m bench.pacing
 
+# The live pages' chart library, vendored from the npm registry (no CDN): pinned here, refreshed
+# by `make vendor-uplot` (needs npm), committed under static/vendor/uplot/ with its licence.
+UPLOT_VERSION := 1.6.32
+.PHONY: vendor-uplot
+vendor-uplot:
+	rm -rf var/npm-uplot && mkdir -p var/npm-uplot static/vendor/uplot
+	cd var/npm-uplot && npm pack --silent uplot@$(UPLOT_VERSION)
+	tar -xzf var/npm-uplot/uplot-$(UPLOT_VERSION).tgz -C var/npm-uplot
+	cp var/npm-uplot/package/dist/uPlot.iife.min.js var/npm-uplot/package/dist/uPlot.min.css \
+	   var/npm-uplot/package/LICENSE static/vendor/uplot/
+	echo "uplot $(UPLOT_VERSION) (npm)" > static/vendor/uplot/VERSION
+	rm -rf var/npm-uplot
+
 clean:
 	rm -rf $(VENV) var dist .pytest_cache .hypothesis
 

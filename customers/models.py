@@ -81,6 +81,11 @@ class Customer(models.Model):
         help_text="Required before this customer can send.",
     )
     is_active = models.BooleanField(default=True)
+    alert_email = models.EmailField(
+        blank=True,
+        help_text="Where alerts about this customer's sends go (a silent conductor, throttling, "
+        "a minute over the cap), besides the site's admins.",
+    )
     notes = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -1,6 +1,6 @@
 """Customer actions: every customer is created with exactly one SendLimit."""
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 
 from .models import Customer, ProviderAccount, SendLimit
@@ -58,3 +58,42 @@ def customer_create(
         limit.full_clean()
         limit.save()
     return customer
+
+
+# What the live page may change while a send runs; the rest stays on the send limit's own page.
+STEERABLE_FIELDS = ("per_minute", "max_workers", "concurrency", "paused")
+
+
+@transaction.atomic
+def send_limit_steer(*, customer_id: int, user, changes: dict) -> tuple[SendLimit, dict]:
+    """Change a customer's limits while it sends (the live page's controls).
+
+    Validated as the send limit's own page validates (ranges, the account's cap), recorded in its
+    history with the user, and read by the next check-in (each one reads the row) and the next
+    conductor tick: applied within a second. Returns the limit and {field: (old, new)} of what
+    changed.
+    """
+    if not user.has_perm("customers.change_sendlimit"):
+        raise PermissionDenied("You may not change send limits.")
+    unknown = set(changes) - set(STEERABLE_FIELDS)
+    if unknown:
+        raise ValidationError(f"These cannot be changed here: {', '.join(sorted(unknown))}.")
+    # The limit's row only: the check-ins lock it too, and hold it briefly.
+    limit = SendLimit.objects.select_for_update(of=("self",)).select_related(
+        "customer__provider_account"
+    )
+    limit = limit.get(customer_id=customer_id)
+    delta = {
+        name: (getattr(limit, name), value)
+        for name, value in changes.items()
+        if getattr(limit, name) != value
+    }
+    if not delta:
+        return limit, {}
+    for name, (_, value) in delta.items():
+        setattr(limit, name, value)
+    limit.full_clean()  # field ranges and SendLimit.clean: never above the account's cap
+    limit._history_user = user
+    limit._change_reason = "changed on the live page"
+    limit.save(update_fields=list(delta))
+    return limit, delta

@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "simple_history",
     "django_celery_beat",
+    "csp",
     "channels",
     "emailops",
     "customers",
@@ -80,6 +81,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "simple_history.middleware.HistoryRequestMiddleware",
 ]
 
@@ -149,7 +151,14 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # A consumer waits for messages with a blocking pop of up to 5 s (channels_redis's
+            # brpop_timeout); redis-py's default read timeout is also 5 s, so an idle page's
+            # wait would end in a TimeoutError and close its socket: reads get longer. And
+            # redis-py's pool refuses a 101st connection in use at once (MaxConnectionsError),
+            # which a hundred pages (re)connecting together reach.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "max_connections": 1000}]
+            },
         }
     }
 else:
@@ -227,6 +236,38 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", defa
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
 if env.bool("BEHIND_TLS_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Content-Security-Policy (django-csp) on every page of the site: scripts and styles from our own
+# static files only, no inline script or style anywhere (the admin's own templates have none; ours
+# keep theirs in static/emailops/). Websockets go to the same origin ('self'). The message page's
+# HTML preview is a response of its own with its own policy (MessageAdmin.preview_view).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "frame-src": ["'self'"],
+        "frame-ancestors": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+    },
+}
+
+# Alerts (sending.alerts): also mailed to ADMINS when set, at most once per ALERT_REPEAT_S per
+# alert kind and customer. ADMINS: "Name <address>, …".
+ADMINS = [
+    (address.split("<")[0].strip(), address.split("<")[-1].rstrip(">").strip())
+    for address in env.list("ADMINS", default=[])
+]
+ALERT_MAIL_ADMINS = env.bool("ALERT_MAIL_ADMINS", default=bool(ADMINS))
+ALERT_REPEAT_S = env.float("ALERT_REPEAT_S", default=600)
+# Live pages: how often a websocket re-checks its user's permissions (a user logged out or
+# demoted is disconnected within this).
+LIVE_PERMISSION_RECHECK_S = env.float("LIVE_PERMISSION_RECHECK_S", default=5)
 
 # LOG_FORMAT=json for production (one JSON object a line, with the customer, message, worker and
 # lease ids a line is about: see emailops/logs.py); plain for a terminal.

@@ -9,7 +9,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.db.models.functions import Lower
-from django.http import HttpResponseRedirect, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -18,6 +19,7 @@ from django.utils.text import Truncator
 
 from . import services
 from .models import Message, Recipient
+from .permissions import may_watch
 from .selectors import (
     DELIVERY_LOG_COLUMNS,
     delivery_log_rows,
@@ -27,12 +29,15 @@ from .selectors import (
     recent_messages,
 )
 
+# A <progress> element rather than a div sized by style="…": the site's CSP allows no inline style.
 PROGRESS_BAR = (
-    '<div class="emailops-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
-    'aria-valuenow="{rounded}" title="{done} of {total} finished">'
-    '<div style="width: {width}%"></div></div> {rounded}%'
+    '<progress class="emailops-progress" max="{total}" value="{done}" '
+    'title="{done} of {total} finished"></progress> {rounded}%'
 )
 
+
+# What the confirmation pages read of each message's customer.
+PLAN_RELATED = ("customer__send_limit", "customer__provider_account")
 
 # A message whose send has started has no field left to edit: its page offers Close, not Save.
 FROZEN_SUBMIT_ROW = {
@@ -137,6 +142,8 @@ class MessageAdmin(admin.ModelAdmin):
 
     @admin.action(description="Send now", permissions=["start_message"])
     def send_now(self, request, queryset):
+        if request.POST.get("post") != "yes":
+            return self.confirmation(request, "send", list(queryset.select_related(*PLAN_RELATED)))
         self._run(request, "send", queryset.values_list("pk", flat=True))
 
     @admin.action(description="Pause sending", permissions=["pause_message"])
@@ -151,7 +158,39 @@ class MessageAdmin(admin.ModelAdmin):
         description="Cancel (recipients not yet sent are cancelled)", permissions=["cancel_message"]
     )
     def cancel(self, request, queryset):
+        if request.POST.get("post") != "yes":
+            return self.confirmation(
+                request, "cancel", list(queryset.select_related(*PLAN_RELATED))
+            )
         self._run(request, "cancel", queryset.values_list("pk", flat=True))
+
+    def confirmation(self, request, action: str, messages, *, from_page: bool = False):
+        """Like Django's delete confirmation: what Send now or Cancel will do, and a button
+        that does it (posting back with post=yes)."""
+        from .confirm import cancel_plan, send_plan
+
+        plans = [send_plan(m) if action == "send" else cancel_plan(m) for m in messages]
+        verb = "Send now" if action == "send" else "Cancel"
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{verb}: are you sure?",
+            "opts": self.opts,
+            "action": action,
+            "plans": plans,
+            "from_page": from_page,
+            "ok": any(not getattr(p, "problems", ()) for p in plans),
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            "changelist_action": "send_now" if action == "send" else "cancel",
+            "back_url": (
+                reverse("admin:sending_message_change", args=[messages[0].pk])
+                if from_page
+                else reverse("admin:sending_message_changelist")
+            ),
+            "live_url": reverse("admin:sending_live_customer", args=[messages[0].customer_id])
+            if len({m.customer_id for m in messages}) == 1
+            else "",
+        }
+        return TemplateResponse(request, "admin/sending/message/confirm.html", context)
 
     def send_action_view(self, request, object_id, action):
         """The change page's Send now / Pause / Resume / Cancel buttons (POST only)."""
@@ -162,6 +201,8 @@ class MessageAdmin(admin.ModelAdmin):
         message = self.get_object(request, unquote(object_id))
         if message is None:
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if action in ("send", "cancel") and request.POST.get("post") != "yes":
+            return self.confirmation(request, action, [message], from_page=True)
         self._run(request, action, [message.pk])
         return HttpResponseRedirect(reverse("admin:sending_message_change", args=[message.pk]))
 
@@ -242,6 +283,11 @@ class MessageAdmin(admin.ModelAdmin):
                 name="sending_message_import",
             ),
             path(
+                "<path:object_id>/preview.html",
+                self.admin_site.admin_view(self.preview_view),
+                name="sending_message_preview",
+            ),
+            path(
                 "<path:object_id>/action/<str:action>/",
                 self.admin_site.admin_view(self.send_action_view),
                 name="sending_message_action",
@@ -249,6 +295,27 @@ class MessageAdmin(admin.ModelAdmin):
         ]
         # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
         return urls + super().get_urls()
+
+    def preview_view(self, request, object_id):
+        """The HTML body as its first recipient gets it, for the message page's sandboxed iframe.
+
+        A page of its own rather than the iframe's srcdoc: a srcdoc document inherits the message
+        page's Content-Security-Policy, which allows no inline style, and emails are made of
+        inline styles. This response has its own policy: nothing runs (sandbox, no script-src),
+        styles inline, images from anywhere (as the recipient's mail client shows them).
+        """
+        message = self.get_object(request, unquote(object_id))
+        if message is None:
+            raise Http404
+        preview = message_preview(message=message)
+        response = HttpResponse(preview.html or "", content_type="text/html; charset=utf-8")
+        response["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; img-src * data:; font-src * data:; "
+            "sandbox"
+        )
+        response["Referrer-Policy"] = "no-referrer"
+        response["X-Frame-Options"] = "SAMEORIGIN"
+        return response
 
     def import_view(self, request, object_id):
         # Imported here: the import module loads the CSV machinery only when it is used.
@@ -277,7 +344,19 @@ class MessageAdmin(admin.ModelAdmin):
                     if progress.by_status.get(status)
                 ],
                 "recipients_url": recipients_url(message.pk),
+                "preview_url": reverse("admin:sending_message_preview", args=[message.pk]),
                 "send_buttons": self._send_buttons(request, message),
+                "live_url": (
+                    reverse("admin:sending_live_customer", args=[message.customer_id])
+                    if may_watch(request.user)
+                    else ""
+                ),
+                "live_ws": (
+                    f"/ws/live/customer/{message.customer_id}/"
+                    if may_watch(request.user)
+                    and message.status in (Message.Status.SENDING, Message.Status.PAUSED)
+                    else ""
+                ),
                 "import_url": (
                     reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
                 ),
@@ -307,10 +386,9 @@ class MessageAdmin(admin.ModelAdmin):
         progress = progress_of(obj)
         return format_html(
             PROGRESS_BAR,
-            width=f"{progress.percent:.1f}",
             rounded=f"{progress.percent:.0f}",
             done=progress.terminal,
-            total=progress.total,
+            total=max(progress.total, 1),
         )
 
 
@@ -477,3 +555,6 @@ class RecipientAdmin(admin.ModelAdmin):
     @admin.action(description="Export delivery log (CSV)", permissions=["view"])
     def export_delivery_log(self, request, queryset):
         return delivery_log_response(queryset, filename=_delivery_log_filename(request))
+
+
+from . import admin_engine  # noqa: E402,F401  (registers the engine's tables and the live pages)

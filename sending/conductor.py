@@ -12,24 +12,21 @@ Each tick, in small steps that tests call one at a time:
 2. complete messages with nothing queued or leased;
 3. start workers while work fits this minute and fewer than needed run (pacing.workers_needed,
    never more than max_workers), invoking them after commit;
-4. publish a live sample to the customer's channel-layer group, after commit.
+4. record the customer's live sample and publish it, after commit, if someone watches
+   (sending.live).
 """
 
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Avg, Count, Exists, OuterRef, Q
 
-from customers.models import SendLimit
-
 from . import checkin, leases, ledger, pacing, queue
 from .clock import Clock, ms_to_datetime
+from .live import on_tick as record_live_sample
 from .models import ConductorLease, Lease, Message, Recipient, Worker
 from .runtimes import get_runtime, worker_api_url
 
@@ -42,10 +39,6 @@ def lease_seconds() -> float:
 
 def tick_seconds() -> float:
     return settings.CONDUCTOR_TICK_MS / 1000
-
-
-def group_name(customer_id: int) -> str:
-    return f"customer-{customer_id}"
 
 
 def acquire_lease(*, customer_id: int, holder: str, clock: Clock | None = None) -> bool:
@@ -95,7 +88,7 @@ class TickReport:
     completed: list[int] = field(default_factory=list)
     started: list[int] = field(default_factory=list)
     sending: bool = False
-    sample: dict = field(default_factory=dict)
+    sample: dict | None = None
 
 
 def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
@@ -111,8 +104,9 @@ def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickR
     report.sending = sending.exists() or out.exists()
     if sending.exists():
         report.started = start_workers(customer_id=customer_id, clock=clock, runtime=runtime)
-    report.sample = sample(customer_id=customer_id, clock=clock)
-    publish(customer_id, report.sample)
+    report.sample = record_live_sample(
+        customer_id=customer_id, now_ms=clock.now_ms, sending=report.sending, lost=report.lost
+    )
     return report
 
 
@@ -199,60 +193,3 @@ def _work_fits(*, customer_id: int, limits: pacing.Limits, clock: Clock) -> bool
         return True
     row = ledger.minute(customer_id, ms_to_datetime(minute_ms))
     return row is None or row.charged < limits.per_minute
-
-
-def sample(*, customer_id: int, clock: Clock) -> dict:
-    """A live sample for the operators' charts: this minute against the cap, workers, progress."""
-    send_limit = SendLimit.objects.get(customer_id=customer_id)
-    minute_ms = pacing.minute_start(clock.now_ms, settings.SEND_WINDOW_MS)
-    row = ledger.minute(customer_id, ms_to_datetime(minute_ms))
-    workers = Worker.objects.filter(customer_id=customer_id, state__in=Worker.LIVE_STATES).count()
-    counts = dict(
-        Recipient.objects.filter(
-            message__customer_id=customer_id,
-            message__status__in=[Message.Status.SENDING, Message.Status.PAUSED],
-        )
-        .values_list("status")
-        .annotate(n=Count("id"))
-        .values_list("status", "n")
-    )
-    total = sum(counts.values())
-    done = sum(n for status, n in counts.items() if status in Recipient.TERMINAL_STATUSES)
-    remaining = total - done
-    eta_s = (
-        math.ceil(remaining / send_limit.per_minute * settings.SEND_WINDOW_MS / 1000)
-        if remaining
-        else 0
-    )
-    return {
-        "customer": customer_id,
-        "t_ms": clock.now_ms,
-        "minute_start_ms": minute_ms,
-        "cap": send_limit.per_minute,
-        "granted": row.charged if row else 0,
-        "sent": row.sent if row else 0,
-        "workers": workers,
-        "max_workers": send_limit.max_workers,
-        "total": total,
-        "done": done,
-        "eta_s": eta_s,
-    }
-
-
-def publish(customer_id: int, payload: dict) -> None:
-    """Send a sample to the customer's live pages after commit (never from inside a
-    transaction that may still roll back)."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-
-    def send():
-        try:
-            async_to_sync(layer.group_send)(
-                group_name(customer_id), {"type": "sample", "sample": payload}
-            )
-        except Exception:
-            # Live charts are best effort: a channel-layer outage must not stop sending.
-            log.warning("could not publish a sample for customer %s", customer_id, exc_info=True)
-
-    transaction.on_commit(send)

@@ -5,7 +5,7 @@ import uuid
 
 from celery import shared_task
 
-from . import conductor, services
+from . import alerts, conductor, services
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def watchdog() -> dict:
     every customer sending with none alive (a crashed chain is replaced once its lease expires)."""
     started = services.start_due_messages()
     orphans = conductor.customers_needing_a_conductor()
+    alerts.conductors_silent(orphans)
     for customer_id in orphans:
         conduct.delay(customer_id)
     if started or orphans:

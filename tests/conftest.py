@@ -5,6 +5,7 @@ real service asks for `postgres` or `redis_url`; it is skipped when the service 
 except under CI (CI=true), where a missing service is a failure.
 """
 
+import importlib
 import os
 import socket
 import threading
@@ -56,6 +57,20 @@ def redis_url():
     return url
 
 
+FAST_WINDOW_MS = 2_000
+
+
+@pytest.fixture
+def fast_minutes(settings):
+    """2-second "minutes", so that windows, throttles and lease expiry happen within a test."""
+    settings.SEND_WINDOW_MS = FAST_WINDOW_MS
+    settings.SEND_TIMEOUT_MS = 1_000
+    settings.WORKER_DEADLINE_MARGIN_MS = 1_000
+    settings.WORKER_SEND_MARGIN_MS = 300
+    settings.WORKER_API_TIMEOUT_S = 5
+    settings.WORKER_API_BACKOFF_MS = 50
+
+
 class EnqueuedTasks:
     """The default Celery queue of this process's broker (in-memory, or Redis with REDIS_URL),
     read back: what the code under test really enqueued."""
@@ -80,6 +95,20 @@ class EnqueuedTasks:
 
 
 @pytest.fixture
+def staff_groups(transactional_db):
+    """The Support and Operators groups for a transactional test: they come from a data
+    migration, which the flush after each earlier transactional test removed. Made again by the
+    migration's own function (serialized rollback would do it too, but clashes with the content
+    types an earlier flush's post_migrate recreated)."""
+    from types import SimpleNamespace
+
+    from django.apps import apps
+
+    groups = importlib.import_module("customers.migrations.0002_groups")
+    groups.add_groups(apps, SimpleNamespace(connection=connection))
+
+
+@pytest.fixture
 def enqueued_tasks():
     from emailops.celery import app
 
@@ -87,6 +116,27 @@ def enqueued_tasks():
         tasks = EnqueuedTasks(connection)
         yield tasks
         tasks.purge()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layers():
+    """Each test serves websockets from an event loop of its own (a new uvicorn thread, or a
+    communicator's loop), and a channel layer keeps per-loop receive state: a consumer still
+    receiving when an earlier test's loop stopped would make every later receive fail ("Two
+    event loops are trying to receive() on one channel layer at once!"). Production has one
+    loop per process."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """The live pages keep per-customer state in the cache (Redis under REDIS_URL), keyed by
+    customer id: a test must not find an earlier test's."""
+    from django.core.cache import cache
+
+    cache.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from customers.models import Customer, ProviderAccount, SendLimit, Suppression
 from customers.services import customer_create
 from sending import checkin, tokens
 from sending.clock import Clock
-from sending.models import Message, Recipient
+from sending.models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
 from sending.wire import parse_checkin
 
 PASSWORD = "correct horse battery staple"
@@ -239,3 +239,61 @@ def assert_sent_once_each(message, sandbox):
         assert row.provider_message_id == by_key[str(row.pk)].message_id
         assert by_key[str(row.pk)].subject == f"Hello {row.merge_data['first_name']}"
     assert sandbox.report()["duplicates"] == {}
+
+
+# The engine's rows, for the read-only admin and the live pages ----------------------------------
+
+
+def _minute_start(minutes_ago: int = 0):
+    now = timezone.now().replace(second=0, microsecond=0)
+    return now - timedelta(minutes=minutes_ago)
+
+
+class WorkerFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Worker
+
+    customer = factory.SubFactory(CustomerFactory)
+    state = Worker.State.RUNNING
+    # A stored answer carries the provider block: the admin must never show it.
+    last_response = factory.LazyFunction(
+        lambda: {
+            "decision": "send",
+            "batch": {"lease_id": 1, "provider": {"credentials": {"api_key": "SECRET-KEY"}}},
+        }
+    )
+
+
+class LeaseFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Lease
+
+    worker = factory.SubFactory(WorkerFactory)
+    customer = factory.LazyAttribute(lambda lease: lease.worker.customer)
+    minute_start = factory.LazyFunction(_minute_start)
+    size = 3
+    recipient_ids = factory.LazyFunction(lambda: [1, 2, 3])
+    granted_at = factory.LazyAttribute(lambda lease: lease.minute_start)
+    start_at = factory.LazyAttribute(lambda lease: lease.minute_start)
+    stop_starting_at = factory.LazyAttribute(lambda lease: lease.minute_start)
+    minute_ends_in_ms = 60_000
+    guard_ms = 250
+    overdue_at = factory.LazyAttribute(lambda lease: lease.minute_start)
+    expires_at = factory.LazyAttribute(lambda lease: lease.minute_start)
+
+
+class CustomerMinuteFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = CustomerMinute
+
+    customer = factory.SubFactory(CustomerFactory)
+    minute_start = factory.LazyFunction(_minute_start)
+    cap = 600
+
+
+class ConductorLeaseFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ConductorLease
+
+    customer = factory.SubFactory(CustomerFactory)
+    holder = "chain-1"

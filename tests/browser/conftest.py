@@ -18,7 +18,8 @@ stopping it before the test ends keeps Django's checks on everywhere, including 
 is a Chromium start per `browse` (about a second).
 
 Every test in this folder is marked `browser`. A failure inside `browse` saves a full-page
-screenshot to test-output/<test>/ first, and so does an uncaught JavaScript error on the page.
+screenshot to test-output/<test>/ first, and so does an uncaught JavaScript error on the page or
+anything the Content-Security-Policy blocked (Chromium reports it on the console).
 """
 
 import os
@@ -66,9 +67,8 @@ def _fresh_test_output():
 
 
 @pytest.fixture
-def live(asgi_server, django_db_serialized_rollback):
-    """The live server. The Support and Operators groups come from a data migration, which the
-    flush after each transactional test removes; serialized rollback puts them back."""
+def live(asgi_server, staff_groups):
+    """The live server, with the staff groups in place."""
     return asgi_server
 
 
@@ -99,9 +99,21 @@ def browse(live, request):
                 page = context.new_page()
                 errors = []
                 page.on("pageerror", lambda error: errors.append(error))
+                # The site's Content-Security-Policy allows no inline script or style: whatever
+                # it blocked, Chromium reports on the console.
+                refused = []
+                page.on(
+                    "console",
+                    lambda message: (
+                        refused.append(message.text)
+                        if "Content Security Policy" in message.text
+                        else None
+                    ),
+                )
                 try:
                     yield page
                     assert not errors, f"JavaScript errors on the page: {errors}"
+                    assert not refused, f"Blocked by the Content-Security-Policy: {refused}"
                 except BaseException:
                     _screenshot(page, request.node)
                     raise
@@ -111,12 +123,20 @@ def browse(live, request):
     return browse
 
 
-def _screenshot(page: Page, node) -> None:
+def _screenshot(page: Page, node, name: str = "failure") -> None:
     folder = OUTPUT / re.sub(r"[^\w.-]+", "-", node.nodeid).strip("-")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "failure.png"
+    path = folder / f"{name}.png"
     page.screenshot(path=path, full_page=True)
-    print(f"screenshot of the page at the failure: {path}")
+    if name == "failure":
+        print(f"screenshot of the page at the failure: {path}")
+
+
+@pytest.fixture
+def screenshot(request):
+    """screenshot(page, name): keep a full-page screenshot under test-output/<test>/<name>.png,
+    to look at (every page the tests open is looked at this way, not only failures)."""
+    return lambda page, name: _screenshot(page, request.node, name)
 
 
 @pytest.fixture

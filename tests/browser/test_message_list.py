@@ -38,6 +38,13 @@ def test_support_sends_two_drafts_and_is_told_why_a_third_cannot_go(
 
         run_action(page, "Send now")
 
+        confirmation = page.locator("#content-main")
+        expect(confirmation).to_contain_text("2 will be sent this message.")
+        expect(confirmation.locator(".errornote")).to_have_text(
+            "Cannot start: It has no recipients to send to."
+        )
+        page.get_by_role("button", name="Yes, send now").click()
+
         started = page.locator(".messagelist .success")
         expect(started).to_have_count(2)
         assert sorted(started.all_inner_texts()) == sorted(

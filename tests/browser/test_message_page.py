@@ -41,7 +41,9 @@ def flash(page: Page, level: str = "success"):
     return page.locator(f".messagelist .{level}")
 
 
-def test_support_presses_send_now_and_the_send_starts(browse, support_user, conductor_kicks):
+def test_support_presses_send_now_and_the_send_starts(
+    browse, support_user, conductor_kicks, screenshot
+):
     message = message_with_recipients()
     with browse(support_user) as page:
         open_message(page, message)
@@ -49,6 +51,14 @@ def test_support_presses_send_now_and_the_send_starts(browse, support_user, cond
         expect(status(page)).to_have_text("Draft")
 
         page.get_by_role("button", name="Send now").click()
+
+        # First what will happen: recipients, the rate they will really get, when it is done.
+        confirmation = page.locator("#content-main")
+        expect(confirmation).to_contain_text("3 will be sent this message.")
+        expect(confirmation).to_contain_text("600 a minute (the customer's send limit)")
+        expect(confirmation).to_contain_text("about 1 s from when the send starts")
+        screenshot(page, "send-now-confirmation")
+        page.get_by_role("button", name="Yes, send now").click()
 
         expect(flash(page)).to_have_text(f"Sending started: message {message.pk}.")
         expect(status(page)).to_have_text("Sending")
@@ -88,13 +98,19 @@ def test_an_operator_pauses_and_resumes_a_send(browse, operator_user, conductor_
     assert conductor_kicks() == [message.customer_id]  # resuming wakes the conductor
 
 
-def test_support_cancels_a_paused_send_and_its_recipients(browse, support_user):
+def test_support_cancels_a_paused_send_and_its_recipients(browse, support_user, screenshot):
     message = message_with_recipients(Message.Status.PAUSED)
     with browse(support_user) as page:
         open_message(page, message)
         assert buttons(page) == ["Cancel send"]
 
         page.get_by_role("button", name="Cancel send").click()
+
+        expect(page.locator("#content-main")).to_contain_text(
+            "3 recipients not yet sent will be cancelled."
+        )
+        screenshot(page, "cancel-confirmation")
+        page.get_by_role("button", name="Yes, cancel").click()
 
         expect(flash(page)).to_have_text(f"Cancelled: message {message.pk}.")
         expect(status(page)).to_have_text("Cancelled")
@@ -136,9 +152,11 @@ def test_a_refused_action_says_why_and_changes_nothing(browse, support_user, con
 
         page.get_by_role("button", name="Send now").click()
 
-        expect(flash(page, "error")).to_have_text(
-            "“Nobody to send to” has no recipients to send to. Import some first."
+        expect(page.locator(".errornote")).to_have_text(
+            "Cannot start: It has no recipients to send to."
         )
+        expect(page.get_by_role("button", name="Yes, send now")).to_have_count(0)
+        page.get_by_role("link", name="Take me back").click()
         expect(status(page)).to_have_text("Draft")
     message.refresh_from_db()
     assert message.status == Message.Status.DRAFT

@@ -16,12 +16,16 @@ from django_celery_beat.models import (
 )
 
 from tests.factories import (
+    ConductorLeaseFactory,
     CustomerFactory,
+    CustomerMinuteFactory,
+    LeaseFactory,
     MessageFactory,
     ProviderAccountFactory,
     RecipientFactory,
     SuppressionFactory,
     UserFactory,
+    WorkerFactory,
 )
 
 REGISTERED = sorted(admin.site._registry, key=lambda model: model._meta.label)
@@ -41,6 +45,10 @@ MAKERS = {
     "customers.Suppression": SuppressionFactory,
     "sending.Message": MessageFactory,
     "sending.Recipient": RecipientFactory,
+    "sending.Worker": WorkerFactory,
+    "sending.Lease": LeaseFactory,
+    "sending.CustomerMinute": CustomerMinuteFactory,
+    "sending.ConductorLease": ConductorLeaseFactory,
     "django_celery_beat.ClockedSchedule": lambda: ClockedSchedule.objects.create(
         clocked_time=timezone.now() + datetime.timedelta(days=1)
     ),

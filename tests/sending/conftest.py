@@ -1,4 +1,4 @@
-"""Fixtures of the sending tests: short minutes, the worker API as production serves it, a
+"""Fixtures of the sending tests: the worker API as production serves it, a
 sandbox provider, a frozen server clock; and no local worker outlives its test."""
 
 import time
@@ -8,20 +8,8 @@ import pytest
 from sending.clock import Clock
 from sending.runtimes import shutdown_local_workers
 from sending.sandbox import SandboxServer
+from tests.conftest import FAST_WINDOW_MS
 from tests.factories import API_KEY
-
-FAST_WINDOW_MS = 2_000
-
-
-@pytest.fixture
-def fast_minutes(settings):
-    """2-second "minutes", so that windows, throttles and lease expiry happen within a test."""
-    settings.SEND_WINDOW_MS = FAST_WINDOW_MS
-    settings.SEND_TIMEOUT_MS = 1_000
-    settings.WORKER_DEADLINE_MARGIN_MS = 1_000
-    settings.WORKER_SEND_MARGIN_MS = 300
-    settings.WORKER_API_TIMEOUT_S = 5
-    settings.WORKER_API_BACKOFF_MS = 50
 
 
 @pytest.fixture

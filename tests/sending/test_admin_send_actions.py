@@ -32,8 +32,16 @@ def test_support_can_send_now_from_the_change_page(
     client.force_login(UserFactory(groups=["Support"]))
     page = client.get(reverse("admin:sending_message_change", args=[message.pk]))
     assert action_url(message, "send") in page.content.decode()
+    # The button asks first: recipients, the rate, the ETA; nothing has started yet.
+    confirmation = client.post(action_url(message, "send"))
+    assert confirmation.status_code == 200
+    page = confirmation.content.decode()
+    assert "3 will be sent this message" in page and "600 a minute" in page
+    assert "about 1 s" in page
+    message.refresh_from_db()
+    assert message.status == Message.Status.DRAFT and kicked.take() == []
     with django_capture_on_commit_callbacks(execute=True):
-        response = client.post(action_url(message, "send"), follow=True)
+        response = client.post(action_url(message, "send"), {"post": "yes"}, follow=True)
     assert response.status_code == 200
     assert "Sending started" in response.content.decode()
     message.refresh_from_db()
@@ -73,10 +81,13 @@ def test_an_impossible_transition_is_reported_not_applied(client, message):
 
 def test_cancel_from_the_changelist_cancels_queued_recipients(client, message):
     client.force_login(UserFactory(groups=["Support"]))
+    chosen = {"action": "cancel", "_selected_action": [message.pk]}
+    confirmation = client.post(reverse("admin:sending_message_changelist"), chosen)
+    assert "3 recipients not yet sent will be cancelled" in confirmation.content.decode()
+    message.refresh_from_db()
+    assert message.status == Message.Status.DRAFT
     response = client.post(
-        reverse("admin:sending_message_changelist"),
-        {"action": "cancel", "_selected_action": [message.pk]},
-        follow=True,
+        reverse("admin:sending_message_changelist"), {**chosen, "post": "yes"}, follow=True
     )
     assert response.status_code == 200
     message.refresh_from_db()

@@ -8,7 +8,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.utils import timezone
 
 from customers.models import Customer, ProviderAccount, SendLimit
-from sending import checkin, conductor, services, tasks
+from sending import checkin, conductor, live, services, tasks
 from sending.clock import Clock
 from sending.models import ConductorLease, Lease, Message, Recipient, Worker
 from tests.factories import T0, WINDOW_MS, call, make_message
@@ -117,16 +117,21 @@ def test_tick_marks_silent_workers_lost(customer):
     assert worker.state == "lost"
 
 
-def test_tick_publishes_a_sample_after_commit(customer, django_capture_on_commit_callbacks):
+def test_tick_records_a_live_sample_and_publishes_it_after_commit_when_watched(
+    customer, django_capture_on_commit_callbacks
+):
     make_message(customer, 10)
+    live.mark_watched(customer.pk)
     with django_capture_on_commit_callbacks() as callbacks:
         report = conductor.tick(
             customer_id=customer.pk, clock=Clock(T0), runtime=RecordingRuntime()
         )
-    assert callbacks  # the sample and the invocations wait for the commit
-    assert report.sample["cap"] == 6000
-    assert report.sample["total"] == 10 and report.sample["done"] == 0
-    assert report.sample["eta_s"] == 1
+    # The invocation of the one worker needed and the sample wait for the commit.
+    assert len(callbacks) == 2
+    assert report.sample["limits"]["per_minute"] == 6000
+    (message,) = report.sample["messages"]
+    assert message["total"] == 10 and message["done"] == 0
+    assert report.sample["eta_s"] == 1  # 10 at 6000 a minute
 
 
 # --- services ----------------------------------------------------------------------------------
