@@ -13,8 +13,8 @@ from django.contrib import admin
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from .admin_live import customer_live_view, overview_view, steer_view
-from .models import ConductorLease, CustomerMinute, Lease, Worker
+from ..models import ConductorLease, CustomerMinute, Lease, Worker
+from .live_pages import customer_live_view, overview_view, steer_view
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -1,7 +1,7 @@
 """The live pages in admin: every customer sending now, one customer's send as it happens, and the
 live page's steering (limits changed while a send runs).
 
-Served under the read-only CustomerMinute admin's URLs (see admin_engine), through
+Served under the read-only CustomerMinute admin's URLs (see sending.admin.engine), through
 `admin_site.admin_view`, with the admin's `each_context`. The pages load no inline script or
 style: the numbers travel as JSON data blocks (`json_script`), drawn by static/emailops/live.js.
 """
@@ -20,10 +20,10 @@ from django.utils.timezone import localtime
 from customers.models import PER_MINUTE_MAX, Customer, SendLimit
 from customers.services import STEERABLE_FIELDS, send_limit_steer
 
-from . import live
-from .models import Worker
-from .overview import overview
-from .permissions import may_steer, may_watch
+from .. import live
+from ..models import Worker
+from ..overview import overview
+from ..permissions import may_steer, may_watch
 
 RECENT_ERRORS = 10
 NORMAL_STOPS = ("done", "final check-in", "")

@@ -16,7 +16,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from .imports import ImportRejected, ImportResult, import_recipients
+from ..imports import ImportRejected, ImportResult, import_recipients
 
 REQUIRED_PERMISSIONS = ("sending.add_recipient", "sending.change_message")
 LISTED_DUPLICATE_LINES = 20
