@@ -317,19 +317,22 @@ def message_payload(message: "Message") -> dict:
 def replayable(answer: dict) -> dict:
     """The answer as stored for a retried seq: recipients are kept as ids only (the lease has
     them, and their data does not change while leased), so each check-in writes a few hundred
-    bytes rather than the whole batch."""
+    bytes rather than the whole batch; and without its provider block, so no credential is ever
+    stored in a worker's row (a replay reads the account again)."""
     sent = answer.get("batch")
     if sent is None:
         return answer
-    return {**answer, "batch": {**sent, "recipients": None}}
+    return {**answer, "batch": {**sent, "recipients": None, "provider": None}}
 
 
-def replay(stored: dict, recipients: "list[Recipient]") -> dict:
-    """A stored answer made whole again with its lease's recipients, in lease order."""
+def replay(stored: dict, recipients: "list[Recipient]", customer: "Customer") -> dict:
+    """A stored answer made whole again: its lease's recipients, in lease order, and the
+    customer's provider block as it is now."""
     if stored.get("batch") is None:
         return stored
     rows = [
         {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
         for r in recipients
     ]
-    return {**stored, "batch": {**stored["batch"], "recipients": rows}}
+    batch = {**stored["batch"], "recipients": rows, "provider": provider_payload(customer)}
+    return {**stored, "batch": batch}
