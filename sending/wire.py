@@ -291,16 +291,21 @@ def batch(
 
 
 def provider_payload(customer: "Customer") -> dict | None:
-    """How the worker reaches the customer's provider (credentials travel only over the API)."""
+    """How the worker reaches the customer's provider: credentials travel only in the live answer
+    over the API (never stored: `replayable`), or not at all when held by reference."""
     account = customer.provider_account
     if account is None:
         return None
-    return {
+    payload = {
         "kind": account.kind,
         "settings": account.settings,
         "credentials": account.credentials,
         "per_minute_cap": account.per_minute_cap,
     }
+    if account.credentials_ref:
+        # Held by reference: the worker reads it with its own role; nothing secret travels.
+        payload["credentials_ref"] = account.credentials_ref
+    return payload
 
 
 def message_payload(message: "Message") -> dict:

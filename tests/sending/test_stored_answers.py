@@ -31,7 +31,7 @@ def stored_answers_text() -> str:
         return " ".join(str(row[0]) for row in cursor.fetchall())
 
 
-def test_a_real_send_stores_and_logs_no_credential(api_url, sandbox, caplog):
+def test_a_real_send_stores_and_logs_no_credential(api_url, sandbox, frozen_server_clock, caplog):
     customer = sandbox_customer(sandbox, batch_size=10)
     message = make_message(customer, 25)
     worker, event = start_worker(customer, api_url)
