@@ -22,6 +22,9 @@ PER_MINUTE_MAX = 1_000_000
 # off would send an SMTP password in clear.
 DESTINATION_SETTINGS = ("host", "port", "use_tls", "use_ssl", "api_url", "endpoint_url", "region")
 
+# Settings are shown on pages and kept in the history: a name like these belongs in credentials.
+SECRET_LOOKING_NAMES = ("password", "secret", "token", "api_key", "access_key")
+
 # A Secrets Manager secret or an SSM parameter, by ARN.
 CREDENTIALS_REF_RE = re.compile(
     r"^arn:aws[a-z-]*:(secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]+"
@@ -141,6 +144,18 @@ class ProviderAccount(models.Model):
         return changes + [key for key in DESTINATION_SETTINGS if before.get(key) != after.get(key)]
 
     def clean(self):
+        secret_looking = [
+            name
+            for name in (self.settings or {})
+            if any(word in str(name).lower() for word in SECRET_LOOKING_NAMES)
+        ]
+        if secret_looking:
+            raise ValidationError(
+                {
+                    "settings": f"{', '.join(secret_looking)}: enter secrets as credentials "
+                    "(encrypted, never shown), not as settings (shown, and kept in the history)."
+                }
+            )
         if self.credentials and self.credentials_ref:
             raise ValidationError(
                 {"credentials_ref": "Either store credentials or give a reference, not both."}

@@ -95,6 +95,14 @@ def test_a_reference_must_be_a_secret_or_parameter_arn_and_not_beside_credential
         account.full_clean()
 
 
+def test_a_secret_in_the_settings_is_refused():
+    account = ProviderAccountFactory.build(
+        kind="smtp", settings={"host": "h", "Password": "oops"}, per_minute_cap=10
+    )
+    with pytest.raises(ValidationError, match="Password: enter secrets as credentials"):
+        account.full_clean()
+
+
 # Through the admin -----------------------------------------------------------------------------
 
 
