@@ -29,6 +29,8 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# Development's settings, explicitly: DEBUG is off unless set (then secrets are required).
+run: export DEBUG = true
 run: $(VENV)/.runtime
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py seed_demo
@@ -36,7 +38,7 @@ run: $(VENV)/.runtime
 	$(PY) manage.py run_embedded --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev
-	$(PY) manage.py makemigrations --check --dry-run
+	DEBUG=true $(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest
 
 # Only the tests that drive Chromium (`make test` runs them too).

@@ -122,6 +122,9 @@ def main() -> int:
     # Production's settings: with DEBUG on, Django would also record every query.
     os.environ["DEBUG"] = "false"
     os.environ.setdefault("SECRET_KEY", "bench-checkin-cpu-" + secrets.token_urlsafe(48))
+    os.environ.setdefault(
+        "WORKER_TOKEN_KEY", "bench-checkin-cpu-tokens-" + secrets.token_urlsafe(48)
+    )
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emailops.settings")
     import django

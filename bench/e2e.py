@@ -238,6 +238,7 @@ def _configure_environment() -> dict:
 
     os.environ.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
     os.environ.setdefault("SECRET_KEY", "bench-e2e-" + secrets.token_urlsafe(48))
+    os.environ.setdefault("WORKER_TOKEN_KEY", "bench-e2e-tokens-" + secrets.token_urlsafe(48))
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
     os.environ.update(
         {

@@ -226,6 +226,7 @@ def configure_environment(*, database_url: str, redis_url: str) -> dict:
     from cryptography.fernet import Fernet
 
     os.environ.setdefault("SECRET_KEY", "bench-fleet-" + secrets.token_urlsafe(48))
+    os.environ.setdefault("WORKER_TOKEN_KEY", "bench-fleet-tokens-" + secrets.token_urlsafe(48))
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
     os.environ.update(
         {

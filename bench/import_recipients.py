@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--baseline-rows", type=int, default=5_000)
     args = parser.parse_args()
 
+    # Development's settings (secrets generated under var/), unless told otherwise.
+    os.environ.setdefault("DEBUG", "true")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emailops.settings")
     import django
 

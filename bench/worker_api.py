@@ -104,6 +104,9 @@ def _configure_environment() -> str:
             f"(DATABASE_URL is {url!r})"
         )
     os.environ.setdefault("SECRET_KEY", "bench-worker-api-" + secrets.token_urlsafe(48))
+    os.environ.setdefault(
+        "WORKER_TOKEN_KEY", "bench-worker-api-tokens-" + secrets.token_urlsafe(48)
+    )
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
     os.environ["DEBUG"] = "false"
     os.environ["ALLOWED_HOSTS"] = "127.0.0.1"

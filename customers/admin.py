@@ -1,119 +1,22 @@
-import json
+"""The customers' admin: customers with their one send limit inline (and its recent changes), send
+limits on their own pages (history kept), suppressions. Provider accounts: admin_accounts.py."""
 
 from django import forms
 from django.contrib import admin
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db.models import Count, F, Q
 from django.forms.models import BaseInlineFormSet
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.html import format_html
-from simple_history.admin import SimpleHistoryAdmin
 
-from .models import Customer, ProviderAccount, SendLimit, Suppression
+from . import admin_accounts  # noqa: F401 - registers the provider accounts' admin
+from .admin_history import AuditedAdmin
+from .models import Customer, SendLimit, Suppression
 from .services import send_limit_ensure, send_limit_fits_account
 
 SEND_LIMIT_FIELDS = ("per_minute", "max_workers", "batch_size", "concurrency", "guard_ms", "paused")
 SEND_LIMIT_CHANGES_SHOWN = 10
-
-
-# Provider accounts ------------------------------------------------------------------------------
-
-
-class WriteOnlyTextarea(forms.Textarea):
-    """A textarea that never renders a value, like PasswordInput(render_value=False)."""
-
-    def get_context(self, name, value, attrs):
-        return super().get_context(name, None, attrs)
-
-
-class ProviderAccountForm(forms.ModelForm):
-    new_credentials = forms.CharField(
-        label="Credentials",
-        required=False,
-        strip=True,
-        widget=WriteOnlyTextarea(
-            attrs={"rows": 4, "cols": 60, "autocomplete": "off", "spellcheck": "false"}
-        ),
-    )
-    clear_credentials = forms.BooleanField(label="Remove the stored credentials", required=False)
-
-    class Meta:
-        model = ProviderAccount
-        fields = ["name", "kind", "settings", "per_minute_cap"]
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        example = '{"username": "…", "password": "…"} or {"api_key": "…"}'
-        if self.instance.pk:
-            self.fields["new_credentials"].help_text = (
-                "Leave blank to keep the stored credentials. Anything entered replaces them all: "
-                f"a JSON object such as {example}. Stored values are never shown."
-            )
-        else:
-            self.fields[
-                "new_credentials"
-            ].help_text = f"A JSON object such as {example}. Encrypted at rest; never shown again."
-
-    def clean_new_credentials(self):
-        raw = self.cleaned_data["new_credentials"]
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            # The decoder's message names a position, never the text: no secret is echoed back.
-            raise ValidationError(f"Not valid JSON: {exc.msg} (line {exc.lineno}).") from None
-        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-            raise ValidationError('Credentials must be a JSON object: {"name": "value", …}.')
-        return value
-
-    def clean(self):
-        cleaned = super().clean()
-        if cleaned.get("clear_credentials") and cleaned.get("new_credentials"):
-            raise ValidationError("Either enter new credentials or remove the stored ones.")
-        return cleaned
-
-    def save(self, commit=True):
-        if self.cleaned_data.get("clear_credentials"):
-            self.instance.credentials = {}
-        elif self.cleaned_data.get("new_credentials") is not None:
-            self.instance.credentials = self.cleaned_data["new_credentials"]
-        return super().save(commit)
-
-
-@admin.register(ProviderAccount)
-class ProviderAccountAdmin(admin.ModelAdmin):
-    form = ProviderAccountForm
-    list_display = ("name", "kind", "per_minute_cap", "customer_count", "updated_at")
-    list_filter = ("kind",)
-    search_fields = ("name",)
-    ordering = ("name",)
-    readonly_fields = ("stored_credentials", "created_at", "updated_at")
-
-    def get_fieldsets(self, request, obj=None):
-        credentials = ["new_credentials"]
-        if obj is not None:
-            credentials = ["stored_credentials", "new_credentials", "clear_credentials"]
-        return [
-            (None, {"fields": ["name", "kind", "per_minute_cap", "settings"]}),
-            ("Credentials", {"fields": credentials}),
-            ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
-        ]
-
-    def get_queryset(self, request):
-        return super().get_queryset(request).annotate(n_customers=Count("customers"))
-
-    @admin.display(description="Customers", ordering="n_customers")
-    def customer_count(self, obj):
-        return obj.n_customers
-
-    @admin.display(description="Stored credentials")
-    def stored_credentials(self, obj):
-        # Names only: enough to see what is configured, never a value.
-        if not obj.credentials:
-            return "None stored."
-        return f"{', '.join(sorted(obj.credentials))} (values hidden)"
 
 
 # Customers and their send limits ----------------------------------------------------------------
@@ -287,7 +190,7 @@ admin.site.register(Customer, CustomerAdmin)
 
 
 @admin.register(SendLimit)
-class SendLimitAdmin(SimpleHistoryAdmin):
+class SendLimitAdmin(AuditedAdmin):
     """Send limits on their own: operators may change these, but not the customer."""
 
     class Media:
@@ -313,7 +216,6 @@ class SendLimitAdmin(SimpleHistoryAdmin):
         ("Limits", {"fields": list(SEND_LIMIT_FIELDS)}),
         ("Recent changes", {"fields": ["changes"]}),
     ]
-    history_list_per_page = 50
 
     def has_add_permission(self, request):
         return False  # created with its customer
@@ -329,23 +231,6 @@ class SendLimitAdmin(SimpleHistoryAdmin):
     @admin.display(description="Changes")
     def changes(self, obj):
         return send_limit_changes_html(obj)
-
-    def history_view(self, request, object_id, extra_context=None):
-        response = super().history_view(request, object_id, extra_context)
-        # django-simple-history's list of versions styles its paginator with a style="…"
-        # attribute: allowed here (attributes only, never <style> or script), the one exception
-        # to the site's policy.
-        response._csp_update = {"style-src-attr": ["'unsafe-inline'"]}
-        return response
-
-    def history_form_view(self, request, object_id, version_id, extra_context=None):
-        # simple_history saves a revert posted by anyone who may *view* the history; a revert
-        # is a change.
-        if request.method == "POST":
-            obj = self.get_object(request, object_id)
-            if obj is None or not self.has_change_permission(request, obj):
-                raise PermissionDenied
-        return super().history_form_view(request, object_id, version_id, extra_context)
 
 
 # Suppressions -----------------------------------------------------------------------------------

@@ -1,17 +1,44 @@
 """Who sends and how fast: Customer, SendLimit (history kept), ProviderAccount (credentials
-encrypted), Suppression."""
+encrypted or held by reference, re-entered whenever where it sends changes; history kept),
+Suppression."""
+
+import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models.functions import Lower
+from django.utils import timezone
 from simple_history.models import HistoricalRecords
 from timezone_field import TimeZoneField
 
 from .fields import EncryptedJSONField
 
 PER_MINUTE_MAX = 1_000_000
+
+# The settings that say where an account's mail (and so its credentials) goes: changing any of
+# them, or the kind, needs the credentials entered again. The TLS flags are here too: turning TLS
+# off would send an SMTP password in clear.
+DESTINATION_SETTINGS = ("host", "port", "use_tls", "use_ssl", "api_url", "endpoint_url", "region")
+
+# Settings are shown on pages and kept in the history: a name like these belongs in credentials.
+SECRET_LOOKING_NAMES = ("password", "secret", "token", "api_key", "access_key")
+
+# A Secrets Manager secret or an SSM parameter, by ARN.
+CREDENTIALS_REF_RE = re.compile(
+    r"^arn:aws[a-z-]*:(secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]+"
+    r"|ssm:[a-z0-9-]+:\d{12}:parameter/[A-Za-z0-9/_.-]+)$"
+)
+
+
+def validate_credentials_ref(value: str) -> None:
+    if not CREDENTIALS_REF_RE.match(value):
+        raise ValidationError(
+            "Not a Secrets Manager secret or SSM parameter ARN "
+            "(arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME or "
+            "arn:aws:ssm:REGION:ACCOUNT:parameter/NAME)."
+        )
 
 
 class ProviderAccount(models.Model):
@@ -34,12 +61,25 @@ class ProviderAccount(models.Model):
         blank=True,
         help_text="Secrets (passwords, API keys), encrypted at rest and never shown back.",
     )
+    credentials_ref = models.CharField(
+        "credentials by reference",
+        max_length=2048,
+        blank=True,
+        help_text="Instead of stored credentials: the ARN of a Secrets Manager secret or an SSM "
+        "parameter holding them as a JSON object. Lambda workers read it themselves; the "
+        "credentials never travel.",
+    )
+    credentials_changed_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When credentials were last entered."
+    )
     per_minute_cap = models.PositiveIntegerField(
         validators=[MinValueValidator(1), MaxValueValidator(PER_MINUTE_MAX)],
         help_text="The provider's own limit per calendar minute for this account.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Every change is kept (who, when, why), but never the credentials, not even encrypted.
+    history = HistoricalRecords(excluded_fields=["credentials"])
 
     class Meta:
         ordering = ["name"]
@@ -53,7 +93,79 @@ class ProviderAccount(models.Model):
     def __str__(self):
         return f"{self.name} ({self.get_kind_display()})"
 
+    def save(self, *args, **kwargs):
+        # An invariant of the row, not only of a form: the stored credentials never follow the
+        # account to a new destination (see ProviderAccount.enter_credentials).
+        self.check_credentials_reentry()
+        super().save(*args, **kwargs)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.credentials or self.credentials_ref)
+
+    def enter_credentials(self, *, credentials: dict | None = None, ref: str = "") -> None:
+        """Replace the credentials (a dict, a reference, or neither to remove them)."""
+        self.credentials = credentials or {}
+        self.credentials_ref = ref
+        self.credentials_changed_at = timezone.now()
+        self._credentials_entered = True
+
+    @property
+    def credentials_were_entered(self) -> bool:
+        return getattr(self, "_credentials_entered", False)
+
+    def destination_changes(self) -> list[str]:
+        """What this edit changes of where the account sends, against the stored row."""
+        stored = self._stored()
+        return [] if stored is None else self._changes_from(stored)
+
+    def check_credentials_reentry(self) -> None:
+        """Refuse a change of kind, host, endpoint or API URL that keeps the stored credentials:
+        whoever may edit an account must not be able to point it at their own server and have
+        the workers hand it the saved password."""
+        if self.credentials_were_entered:
+            return
+        stored = self._stored()
+        if stored is None or not stored.has_credentials:
+            return
+        changes = self._changes_from(stored)
+        if changes:
+            raise ValidationError(
+                f"Changing {', '.join(changes)} needs the credentials entered again: the "
+                "stored ones are not sent to a new destination."
+            )
+
+    def _stored(self) -> "ProviderAccount | None":
+        return None if self.pk is None else ProviderAccount.objects.filter(pk=self.pk).first()
+
+    def _changes_from(self, stored: "ProviderAccount") -> list[str]:
+        changes = ["kind"] if stored.kind != self.kind else []
+        before, after = stored.settings or {}, self.settings or {}
+        return changes + [key for key in DESTINATION_SETTINGS if before.get(key) != after.get(key)]
+
     def clean(self):
+        secret_looking = [
+            name
+            for name in (self.settings or {})
+            if any(word in str(name).lower() for word in SECRET_LOOKING_NAMES)
+        ]
+        if secret_looking:
+            raise ValidationError(
+                {
+                    "settings": f"{', '.join(secret_looking)}: enter secrets as credentials "
+                    "(encrypted, never shown), not as settings (shown, and kept in the history)."
+                }
+            )
+        if self.credentials and self.credentials_ref:
+            raise ValidationError(
+                {"credentials_ref": "Either store credentials or give a reference, not both."}
+            )
+        if self.credentials_ref:
+            try:
+                validate_credentials_ref(self.credentials_ref)
+            except ValidationError as exc:
+                raise ValidationError({"credentials_ref": exc.messages}) from None
+        self.check_credentials_reentry()
         if self.pk is None:
             return
         too_high = SendLimit.objects.filter(

@@ -1,4 +1,5 @@
-"""Customer actions: every customer is created with exactly one SendLimit."""
+"""Customer actions: every customer is created with exactly one SendLimit; send limits steered
+live; provider accounts saved with their credentials rule and history."""
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
@@ -97,3 +98,24 @@ def send_limit_steer(*, customer_id: int, user, changes: dict) -> tuple[SendLimi
     limit._change_reason = "changed on the live page"
     limit.save(update_fields=list(delta))
     return limit, delta
+
+
+@transaction.atomic
+def provider_account_save(*, account: ProviderAccount, user=None) -> ProviderAccount:
+    """Save a provider account, validated, and record the change in its history with who and why.
+
+    Changing its kind, host, endpoint or API URL (`DESTINATION_SETTINGS`) needs its credentials
+    entered again (`ProviderAccount.enter_credentials`); the model refuses it otherwise, on any
+    save. The history never holds the credentials, only when they were entered.
+    """
+    changes = account.destination_changes()
+    account.full_clean()
+    reasons = []
+    if changes:
+        reasons.append(f"destination changed: {', '.join(changes)}")
+    if account.credentials_were_entered:
+        reasons.append("credentials entered" if account.has_credentials else "credentials removed")
+    account._history_user = user
+    account._change_reason = "; ".join(reasons)
+    account.save()
+    return account

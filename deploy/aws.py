@@ -49,6 +49,8 @@ SECRETS: dict[str, tuple[str, str]] = {
     "SECRET_KEY": ("AppSecretArn", "SECRET_KEY"),
     "SECRET_KEY_FALLBACKS": ("AppSecretArn", "SECRET_KEY_FALLBACKS"),
     "FIELD_ENCRYPTION_KEY": ("AppSecretArn", "FIELD_ENCRYPTION_KEY"),
+    "WORKER_TOKEN_KEY": ("WorkerTokenSecretArn", "WORKER_TOKEN_KEY"),
+    "WORKER_TOKEN_KEY_FALLBACKS": ("WorkerTokenSecretArn", "WORKER_TOKEN_KEY_FALLBACKS"),
     "DATABASE_PASSWORD": ("DatabaseSecretArn", "password"),
 }
 # Only the web task serves TLS itself, in the load-balancer-less setup.

@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "REDIS_URL": REDIS,
         "SECRET_KEY": Fernet.generate_key().decode() + "-image-test-secret-key",
         "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "WORKER_TOKEN_KEY": Fernet.generate_key().decode() + "-image-test-worker-token-key",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "HOST": "127.0.0.1",
         "PORT": str(args.port),

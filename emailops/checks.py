@@ -4,6 +4,8 @@
   https when DEBUG is off (loopback addresses excepted: local runs and tests call back into this
   machine), and must not be loopback when the workers run on Lambda, which cannot reach this
   machine's 127.0.0.1.
+- every `manage.py check` (the web and migrate tasks run one): with DEBUG off, WORKER_TOKEN_KEY
+  must be set (worker tokens are signed with it, not with SECRET_KEY).
 - `manage.py check --database default`: LAMBDA_RESERVED_CONCURRENCY, when set, must cover what
   the active customers' `max_workers` can ask for at once. The migrate task runs both before
   every deploy (see emailops/entrypoint.py).
@@ -111,3 +113,18 @@ def check_field_encryption_keys(app_configs=None, **kwargs):
                 )
             )
     return problems
+
+
+@register(Tags.security)
+def check_worker_token_key(app_configs=None, **kwargs):
+    """Production signs worker tokens with a key of its own; without one, no worker can start."""
+    if settings.DEBUG or getattr(settings, "WORKER_TOKEN_KEY", ""):
+        return []
+    return [
+        Error(
+            "WORKER_TOKEN_KEY is not set: worker tokens cannot be signed.",
+            hint="Set WORKER_TOKEN_KEY to a long random value of its own (not SECRET_KEY); on "
+            "AWS it comes from the emailops/worker-token secret (docs/deploy.md).",
+            id="emailops.E005",
+        )
+    ]

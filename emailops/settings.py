@@ -1,7 +1,10 @@
 """EmailOps settings: one module, configured from environment variables.
 
-Unset means the embedded default: a SQLite file, no Redis, local workers, the sandbox provider.
-Production sets DEBUG=false and the variables listed in README.md (and .env.example).
+DEBUG is off unless set: a deploy that forgets it gets production's behaviour (secrets required,
+strict security settings), never generated keys. `make run` and the tests set DEBUG=true
+explicitly; with it, unset means the embedded default: a SQLite file, no Redis, local workers, the
+sandbox provider, development secrets generated once under var/. Production sets the variables
+listed in README.md (and .env.example).
 """
 
 from pathlib import Path
@@ -21,7 +24,7 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 # Local state of the embedded mode (SQLite file, generated development secrets): never committed.
 VAR_DIR = Path(env.str("EMAILOPS_VAR_DIR", default=str(BASE_DIR / "var")))
 
-DEBUG = env.bool("DEBUG", default=True)
+DEBUG = env.bool("DEBUG", default=False)
 
 
 def _local_secret(name: str, make) -> str:
@@ -44,13 +47,21 @@ def _required_in_production(name: str, make) -> str:
 
 
 SECRET_KEY = _required_in_production("SECRET_KEY", get_random_secret_key)
-# Previous keys, still accepted when reading signed values (sessions, worker tokens) during a
-# rotation: see docs/runbook.md.
+# Previous keys, still accepted when reading signed values (sessions) during a rotation: see
+# docs/runbook.md.
 SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 # Comma-separated Fernet keys for provider credentials; the first encrypts, all decrypt (rotation).
 FIELD_ENCRYPTION_KEYS = _required_in_production(
     "FIELD_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
 ).split(",")
+
+# Worker tokens are signed with a key of their own, not SECRET_KEY: rotating one never silently
+# breaks the other. WORKER_TOKEN_KEY_FALLBACKS are previous keys, still accepted while rotating.
+# In production a missing key is a system check error (emailops.E005) and no token is minted.
+WORKER_TOKEN_KEY = env.str("WORKER_TOKEN_KEY", default="") or (
+    _local_secret("worker_token_key", get_random_secret_key) if DEBUG else ""
+)
+WORKER_TOKEN_KEY_FALLBACKS = env.list("WORKER_TOKEN_KEY_FALLBACKS", default=[])
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])

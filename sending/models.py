@@ -122,6 +122,11 @@ class Recipient(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [
+            # Delivery logs carry addresses and outcomes: exporting one is its own right, and
+            # recorded (sending.admin.recipients).
+            ("export_recipients", "Can export delivery logs"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 "message", Lower("email"), name="recipient_unique_message_email"

@@ -291,16 +291,21 @@ def batch(
 
 
 def provider_payload(customer: "Customer") -> dict | None:
-    """How the worker reaches the customer's provider (credentials travel only over the API)."""
+    """How the worker reaches the customer's provider: credentials travel only in the live answer
+    over the API (never stored: `replayable`), or not at all when held by reference."""
     account = customer.provider_account
     if account is None:
         return None
-    return {
+    payload = {
         "kind": account.kind,
         "settings": account.settings,
         "credentials": account.credentials,
         "per_minute_cap": account.per_minute_cap,
     }
+    if account.credentials_ref:
+        # Held by reference: the worker reads it with its own role; nothing secret travels.
+        payload["credentials_ref"] = account.credentials_ref
+    return payload
 
 
 def message_payload(message: "Message") -> dict:
@@ -317,19 +322,22 @@ def message_payload(message: "Message") -> dict:
 def replayable(answer: dict) -> dict:
     """The answer as stored for a retried seq: recipients are kept as ids only (the lease has
     them, and their data does not change while leased), so each check-in writes a few hundred
-    bytes rather than the whole batch."""
+    bytes rather than the whole batch; and without its provider block, so no credential is ever
+    stored in a worker's row (a replay reads the account again)."""
     sent = answer.get("batch")
     if sent is None:
         return answer
-    return {**answer, "batch": {**sent, "recipients": None}}
+    return {**answer, "batch": {**sent, "recipients": None, "provider": None}}
 
 
-def replay(stored: dict, recipients: "list[Recipient]") -> dict:
-    """A stored answer made whole again with its lease's recipients, in lease order."""
+def replay(stored: dict, recipients: "list[Recipient]", customer: "Customer") -> dict:
+    """A stored answer made whole again: its lease's recipients, in lease order, and the
+    customer's provider block as it is now."""
     if stored.get("batch") is None:
         return stored
     rows = [
         {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
         for r in recipients
     ]
-    return {**stored, "batch": {**stored["batch"], "recipients": rows}}
+    batch = {**stored["batch"], "recipients": rows, "provider": provider_payload(customer)}
+    return {**stored, "batch": batch}

@@ -1,10 +1,13 @@
-"""Worker rows: the check-in's lock on its worker, and what a check-in writes back to it.
+"""Worker rows: the check-in's lock on its worker, what a check-in writes back to it, and the
+customer's provider account a replayed answer is rebuilt with.
 
 SQL rather than the ORM on the check-in path (docs/benchmarks.md, check-in CPU); each statement
 is checked against the ORM's result in tests/sending/test_statements.py.
 """
 
 from django.db import connection
+
+from customers.models import Customer
 
 from .models import Worker
 
@@ -42,3 +45,9 @@ def save_checkin(worker: Worker) -> None:
             f"UPDATE {quote(Worker._meta.db_table)} SET {assignments} WHERE id = %s",  # noqa: S608
             [*params, worker.pk],
         )
+
+
+def customer_with_account(customer_id: int) -> Customer:
+    """The worker's customer and its provider account (a replayed answer's provider block: the
+    stored answer never keeps one, it would keep the credentials)."""
+    return Customer.objects.select_related("provider_account").get(pk=customer_id)

@@ -63,3 +63,14 @@ def test_reserved_concurrency_below_the_active_customers_max_workers_is_a_warnin
     assert len(warnings) == 1 and "add up to 12" in warnings[0].msg
     settings.LAMBDA_RESERVED_CONCURRENCY = None
     assert "emailops.W001" not in ids(databases=["default"])
+
+
+@pytest.mark.parametrize(
+    ("debug", "key", "expected"),
+    [(False, "", {"emailops.E005"}), (False, "k" * 50, set()), (True, "", set())],
+)
+def test_production_needs_a_worker_token_key(settings, debug, key, expected):
+    settings.DEBUG = debug
+    settings.WORKER_TOKEN_KEY = key
+    found = {m.id for m in run_checks()}  # not only --deploy: every check refuses it
+    assert found & {"emailops.E005"} == expected

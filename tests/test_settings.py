@@ -12,17 +12,19 @@ PRODUCTION_ENV = {
     "DEBUG": "false",
     "SECRET_KEY": "x" * 20 + "-production-secret-key-with-enough-entropy-0123456789",
     "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    "WORKER_TOKEN_KEY": "y" * 20 + "-production-worker-token-key-0123456789",
     "ALLOWED_HOSTS": "emailops.internal",
     "CSRF_TRUSTED_ORIGINS": "https://emailops.internal",
 }
 
 
 def _manage(*args, env):
+    """manage.py with the project's own settings (not the tests', which set DEBUG=true)."""
     clean = {k: v for k, v in os.environ.items() if k not in PRODUCTION_ENV}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**clean, **env},
+        env={**clean, "DJANGO_SETTINGS_MODULE": "emailops.settings", **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -39,6 +41,69 @@ def test_check_deploy_is_clean_with_production_values(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+PRODUCTION_SETTINGS = {
+    "DEBUG": False,
+    "SECURE_SSL_REDIRECT": True,
+    "SESSION_COOKIE_SECURE": True,
+    "CSRF_COOKIE_SECURE": True,
+    "SECURE_HSTS_SECONDS": 31_536_000,
+    "ALLOWED_HOSTS": ["emailops.internal"],
+}
+
+
+def _settings_of(env) -> dict:
+    names = ", ".join(f"{name!r}: settings.{name}" for name in PRODUCTION_SETTINGS)
+    result = _manage(
+        "shell", "--no-imports", "-c",
+        f"from django.conf import settings; print(repr({{{names}}}))",
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return eval(result.stdout.strip())  # noqa: S307 - our own repr of a dict
+
+
+def test_debug_unset_means_production(tmp_path):
+    env = {k: v for k, v in PRODUCTION_ENV.items() if k != "DEBUG"}
+    clean = {k: v for k, v in os.environ.items() if k != "DEBUG"}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "emailops.settings", **env,
+             "EMAILOPS_VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "DEBUG" not in {**clean, **env}
+    assert _settings_of({**env, "EMAILOPS_VAR_DIR": str(tmp_path)}) == PRODUCTION_SETTINGS
+    # Nothing was generated: production never makes its own keys.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_unset_without_secrets_refuses_to_start(tmp_path):
+    clean = {k: v for k, v in os.environ.items() if k not in {*PRODUCTION_ENV, "DEBUG"}}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "emailops.settings",
+             "EMAILOPS_VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
+
+
+def test_production_without_a_worker_token_key_fails_its_checks(tmp_path):
+    env = {**PRODUCTION_ENV, "WORKER_TOKEN_KEY": "", "EMAILOPS_VAR_DIR": str(tmp_path)}
+    result = _manage("check", env=env)
+    assert result.returncode != 0
+    assert "emailops.E005" in result.stderr + result.stdout
+    assert "WORKER_TOKEN_KEY is not set" in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize("missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY"])

@@ -3,8 +3,8 @@
 Made to answer "what happened to this send at 11:27?": every list filters by customer and
 state, drills down by date, and takes an exact minute (`?minute_start__exact=…` from the live
 page's per-minute table links). Nothing here can be edited: these rows are the engine's record.
-A worker's stored answer is never shown whole — it may carry the provider block (credentials) —
-only a summary of it.
+A worker's stored answer is shown only as a summary: it is stored without the provider block
+(wire.replayable), and the page would not show that block even if an old row still had one.
 """
 
 from urllib.parse import urlencode
@@ -63,7 +63,7 @@ class WorkerAdmin(ReadOnlyAdmin):
     date_hierarchy = "started_at"
     search_fields = ("=id", "request_id")
     ordering = ("-id",)
-    # Never last_response itself: a stored answer carries the provider block.
+    # Never last_response itself: a summary, without provider or recipients.
     fields = (
         "customer",
         "runtime",

@@ -1,11 +1,15 @@
 """The recipients' admin: a list made for hundreds of millions of rows, and the delivery log
-export."""
+export — a permission of its own (sending.export_recipients), and every export recorded (an admin
+LogEntry, on the message's history when it is one message's log, and a log line)."""
 
 import csv
 import datetime
+import logging
 
 from django.contrib import admin
+from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q
@@ -22,6 +26,10 @@ from ..selectors import (
     delivery_log_rows,
     recent_messages,
 )
+
+logger = logging.getLogger(__name__)
+
+EXPORT_PERMISSION = "sending.export_recipients"
 
 # Recipients -------------------------------------------------------------------------------------
 
@@ -82,7 +90,13 @@ def _csv_cell(value):
     return text
 
 
-def delivery_log_response(queryset, *, filename: str) -> StreamingHttpResponse:
+def delivery_log_response(
+    queryset, *, filename: str, request, message_id: int | None = None, scope: str = ""
+) -> StreamingHttpResponse:
+    """A delivery log as CSV, for a user who may export one; the export is recorded first."""
+    if not request.user.has_perm(EXPORT_PERMISSION):
+        raise PermissionDenied
+    record_export(request, message_id=message_id, scope=scope)
     writer = csv.writer(_Echo())
 
     def lines():
@@ -93,6 +107,32 @@ def delivery_log_response(queryset, *, filename: str) -> StreamingHttpResponse:
     response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
+
+
+def record_export(request, *, message_id: int | None, scope: str) -> None:
+    """Who exported which delivery log, when: an admin LogEntry (on the message's history page
+    when the log is one message's) and a log line."""
+    message = Message.objects.filter(pk=message_id).first() if message_id else None
+    target = message if message is not None else Recipient
+    LogEntry.objects.create(
+        user_id=request.user.pk,
+        content_type=ContentType.objects.get_for_model(target),
+        object_id=str(message.pk) if message is not None else None,
+        object_repr=str(message)[:200] if message is not None else "delivery log",
+        action_flag=CHANGE,
+        change_message=f"Exported the delivery log (CSV): {scope or 'all recipients'}.",
+    )
+    logger.info(
+        "delivery log exported by user %s: message %s, %s",
+        request.user.pk,
+        message_id or "-",
+        scope or "all recipients",
+    )
+
+
+def _message_id(request) -> int | None:
+    value = request.GET.get("message__id__exact", "")
+    return int(value) if value.isdigit() else None
 
 
 def _delivery_log_filename(request) -> str:
@@ -137,6 +177,16 @@ class RecipientAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # recipients arrive by import, on the message's page
 
+    def has_export_permission(self, request):
+        return self.has_view_permission(request) and request.user.has_perm(EXPORT_PERMISSION)
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "has_export_permission": self.has_export_permission(request),
+        }
+        return super().changelist_view(request, extra_context)
+
     def has_delete_permission(self, request, obj=None):
         if obj is not None and obj.message.is_content_frozen:
             return False
@@ -175,14 +225,28 @@ class RecipientAdmin(admin.ModelAdmin):
 
     def export_view(self, request):
         """The delivery log of what the changelist shows, with the same filters and search."""
-        if not self.has_view_permission(request):
+        if not self.has_export_permission(request):
             raise PermissionDenied
         try:
             changelist = self.get_changelist_instance(request)
         except IncorrectLookupParameters:
             return HttpResponseRedirect(reverse("admin:sending_recipient_changelist") + "?e=1")
-        return delivery_log_response(changelist.queryset, filename=_delivery_log_filename(request))
+        filters = request.GET.urlencode()
+        return delivery_log_response(
+            changelist.queryset,
+            filename=_delivery_log_filename(request),
+            request=request,
+            message_id=_message_id(request),
+            scope=f"the list filtered by {filters}" if filters else "",
+        )
 
-    @admin.action(description="Export delivery log (CSV)", permissions=["view"])
+    @admin.action(description="Export delivery log (CSV)", permissions=["export"])
     def export_delivery_log(self, request, queryset):
-        return delivery_log_response(queryset, filename=_delivery_log_filename(request))
+        selected = len(request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME))
+        return delivery_log_response(
+            queryset,
+            filename=_delivery_log_filename(request),
+            request=request,
+            message_id=_message_id(request),
+            scope=f"{selected} selected recipient(s)",
+        )

@@ -83,6 +83,11 @@ def open_provider(config: dict, *, timeout: float | None = None) -> Provider:
     _ensure_django_settings()
     settings = dict(config.get("settings") or {})
     credentials = dict(config.get("credentials") or {})
+    if config.get("credentials_ref"):
+        # Held by reference: read here, with this worker's own AWS role (references.py).
+        from .references import resolve
+
+        credentials = resolve(config["credentials_ref"])
     if timeout is None:
         timeout = float(settings.get("timeout", DEFAULT_TIMEOUT_S))
     return classes[kind](settings=settings, credentials=credentials, timeout=timeout)

@@ -75,6 +75,7 @@ def test_the_groups_have_the_permissions_of_their_role():
         "sending.start_message",
         "sending.cancel_message",
         "sending.delete_recipient",
+        "sending.export_recipients",
     } <= support
     assert "customers.change_sendlimit" not in support
     assert "customers.change_provideraccount" not in support
@@ -92,6 +93,7 @@ def test_the_groups_have_the_permissions_of_their_role():
     assert not {p for p in operators if p.split(".")[1].startswith(("add_", "delete_"))}
     assert "sending.change_message" not in operators
     assert "sending.start_message" not in operators
+    assert "sending.export_recipients" not in operators
 
 
 def test_support_cannot_change_a_send_limit(client, support):

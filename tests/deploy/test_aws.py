@@ -45,6 +45,7 @@ def fake_outputs(**overrides) -> dict:
         "BeatTaskRoleArn": f"{arn}/emailops-beat",
         "AppSecretArn": f"{secret}:emailops/app-AbCdEf",
         "DatabaseSecretArn": f"{secret}:emailops/database-AbCdEf",
+        "WorkerTokenSecretArn": f"{secret}:emailops/worker-token-AbCdEf",
         "PrivateSubnets": "subnet-0a,subnet-0b",
         "AppSecurityGroup": "sg-0app",
         "InternalTargetGroupArn": "",
@@ -130,7 +131,17 @@ def test_roles_grant_only_what_each_role_needs():
     secrets = _statements(resources["ExecutionRole"])[-1]
     assert secrets["Action"] == "secretsmanager:GetSecretValue"
     assert {"Ref": "AppSecret"} in secrets["Resource"]
+    assert {"Ref": "WorkerTokenSecret"} in secrets["Resource"]
     assert "*" not in json.dumps(secrets["Resource"])
+    # Provider credentials by reference: read-only, under the one parameterized path.
+    worker = _statements(resources["WorkerFunctionRole"])
+    by_reference = {s["Action"]: s["Resource"]["Fn::Sub"] for s in worker if "Get" in s["Action"]}
+    assert by_reference == {
+        "secretsmanager:GetSecretValue": "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:"
+        "${AWS::AccountId}:secret:${ProviderCredentialsPath}/*",
+        "ssm:GetParameter": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:"
+        "parameter/${ProviderCredentialsPath}/*",
+    }
 
 
 def test_only_public_paths_reach_the_app_from_the_internet():
@@ -198,7 +209,7 @@ def test_task_definitions_match_ecs_model_and_our_rules(role):
     validate_parameters(definition, model.operation_model("RegisterTaskDefinition").input_shape)
     container = definition["containerDefinitions"][0]
     names = {s["name"] for s in container["secrets"]}
-    assert {"SECRET_KEY", "FIELD_ENCRYPTION_KEY", "DATABASE_PASSWORD"} <= names
+    assert {"SECRET_KEY", "FIELD_ENCRYPTION_KEY", "WORKER_TOKEN_KEY", "DATABASE_PASSWORD"} <= names
     environment = {e["name"]: e["value"] for e in container["environment"]}
     assert environment["DEBUG"] == "false" and environment["WORKER_RUNTIME"] == "lambda"
     assert environment["WORKER_API_URL"].startswith("https://")
