@@ -34,6 +34,9 @@ DONE_MS = 20
 WARMUP_S = 2.0
 DURATION_S = 15.0
 LATE_MS = 5.0
+# uvicorn closes a connection idle for 5 s (its keep-alive timeout); at low rates a worker's
+# connection idles longer, so it is reopened first (as a real worker's HTTP client would).
+IDLE_RECONNECT_S = 4.0
 HTTP_TIMEOUT_S = 30.0
 CHECKIN_PATH = "/api/worker/v1/checkin"
 BACKLOG_FLOOR = 60_000  # recipients a customer keeps beyond what the levels consume
@@ -117,6 +120,7 @@ def _run_worker(worker: SimWorker, port: int, start: float, times: list[float], 
     from django.db import connection
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+    last_used = time.monotonic()
     try:
         while True:
             i = nxt()
@@ -129,8 +133,14 @@ def _run_worker(worker: SimWorker, port: int, start: float, times: list[float], 
             elif -delay * 1000 > LATE_MS:
                 with level.lock:
                     level.late_starts += 1
-            status, data = _checkin(conn, worker)
-            answered = time.monotonic()
+            if time.monotonic() - last_used > IDLE_RECONNECT_S:
+                conn.close()  # the next request connects again
+            try:
+                status, data = _checkin(conn, worker)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                conn.close()  # closed by the server; a repeated seq is answered again (replay)
+                status, data = _checkin(conn, worker)
+            answered = last_used = time.monotonic()
             if status != 200:
                 level.errors.append(f"HTTP {status}: {data[:300]!r}")
                 return
