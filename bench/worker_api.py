@@ -791,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(("recipients_per_s >= 0.5 x raw SQL", ratio >= 0.5))
     if "50" in opened and opened["50"]["p99"] is not None:
         targets.append(("open_loop_p99_ms at 50 % <= 75", opened["50"]["p99"] <= 75))
-    print(f"  HTTP / raw SQL: {ratio:.2f}")
+    if raw:
+        print(f"  HTTP / raw SQL: {ratio:.2f}")
     print("  targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets))
     if http["server_log"]:
         print("  server log (tail):\n    " + http["server_log"][-2000:].replace("\n", "\n    "))
