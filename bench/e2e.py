@@ -47,6 +47,9 @@ each (``--baseline-pool threads``: ``--pool threads --concurrency 8``), with
 ``worker_prefetch_multiplier=1`` (as the project's own Celery settings). What Celery's rate
 limiting released with either pool is in docs/benchmarks.md; it was not tuned further.
 
+``--burst-baseline`` adds a second baseline, a burst at every minute's start (bench/burst.py),
+with the sandbox's clock 300 ms behind ours for the whole run.
+
 Measurements (at the sandbox: ``GET /_sandbox/report``, per API key, per calendar minute)
 ---------------------------------------------------------------------------------------
 - ``over_cap_minutes``: customer-minutes in which MORE SENDS WERE ATTEMPTED than the cap
@@ -93,6 +96,7 @@ from pathlib import Path
 
 from celery import Celery
 
+from bench import burst
 from bench.support import delete_customers, ensure_database
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -908,6 +912,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-pool", choices=sorted(BASELINE_CONCURRENCY), default="prefork")
     parser.add_argument(
+        "--burst-baseline",
+        action="store_true",
+        help="also run the burst baseline (bench/burst.py); the sandbox clock runs 300 ms behind",
+    )
+    parser.add_argument(
         "--max-workers",
         default=str(MAX_WORKERS),
         help="SendLimit.max_workers: one number, or one per customer (e.g. 1,1,2)",
@@ -945,11 +954,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ours = _create_run(run_id, "ours", sandbox_port, max_workers)
         base = _create_run(run_id, "base", sandbox_port, max_workers)
-        caps = [f"{c.api_key}={c.cap}" for c in ours + base]
+        bursts = (
+            _create_run(run_id, "burst", sandbox_port, max_workers) if args.burst_baseline else []
+        )
+        caps = [f"{c.api_key}={c.cap}" for c in ours + base + bursts]
         sandbox = Proc(
             "sandbox",
             [sys.executable, "-m", "sending.sandbox", "--port", str(sandbox_port)]
-            + [arg for cap in caps for arg in ("--cap", cap)],
+            + [arg for cap in caps for arg in ("--cap", cap)]
+            + (burst.SANDBOX_ARGS if args.burst_baseline else []),
         )
         procs.append(sandbox)
         _wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/report", sandbox)
@@ -962,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ours_run = run_ours(ours, api_port, args.time_limit_s, procs)
         loads["after_ours"] = _load()
-        report = _sandbox_report(sandbox_port)
+        report = report_ours = _sandbox_report(sandbox_port)
         ours_measured = measure(ours, report, ours_run["sampler"], ours_run["final_counts"])
 
         base_run = None
@@ -973,6 +986,11 @@ def main(argv: list[str] | None = None) -> int:
             loads["after_baseline"] = _load()
             report = _sandbox_report(sandbox_port)
             base_measured = measure(base, report, base_run["sampler"], base_run["final_counts"])
+
+        burst_run = None
+        if args.burst_baseline:
+            duration = min(ours_run["elapsed_s"], args.time_limit_s)
+            burst_run = burst.run(bursts, duration, procs, sandbox_port)
 
         print_table(
             f"OURS (conductor + process workers; {ours_run['elapsed_s']:.1f} s, "
@@ -1003,8 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (("ours", ours_run), ("baseline", base_run)):
             if run is not None and run["sampler"].errors:
                 print(f"  {name} sampler errors: {run['sampler'].errors[:3]}")
-        loads["end"] = _load()
         out = dict(ours_measured["result"])
+        if burst_run is not None:
+            out["burst"] = burst.print_beside(out, burst.refusals(ours, report_ours), burst_run)
+        loads["end"] = _load()
         out["baseline"] = base_measured["result"] if base_measured else None
         out["elapsed_s"] = round(ours_run["elapsed_s"], 1)
         out["baseline_elapsed_s"] = round(base_run["elapsed_s"], 1) if base_run else None

@@ -374,9 +374,7 @@ class ProbeTicker(threading.Thread):
                     if watched:
                         live.mark_watched(customer_id)
                     else:
-                        from django.core.cache import cache
-
-                        cache.delete(live._key("watched", customer_id))
+                        live.unmark_watched(customer_id)
                     now_ms = time.time_ns() // 1_000_000
                     # The live step alone, then the old sample, on the same rows.
                     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from django.db.models import Exists, OuterRef, Q
 from customers.models import Customer
 
 from . import alerts, live
+from .clock import datetime_to_ms, ms_to_datetime
 from .models import ConductorLease, CustomerMinute, Lease, Message
 
 SPARK_MINUTES = 30
@@ -33,14 +34,14 @@ def overview(now_ms: int) -> dict:
     ids = [c.pk for c in customers]
     window = int(settings.SEND_WINDOW_MS)
     minute_ms = now_ms - now_ms % window
-    since = live._dt(minute_ms) - timedelta(milliseconds=window * SPARK_MINUTES)
+    since = ms_to_datetime(minute_ms) - timedelta(milliseconds=window * SPARK_MINUTES)
     spark: dict[int, list[list[int]]] = {c: [] for c in ids}
     for customer_id, start, sent, cap in (
         CustomerMinute.objects.filter(customer_id__in=ids, minute_start__gte=since)
         .order_by("minute_start")
         .values_list("customer_id", "minute_start", "sent", "cap")
     ):
-        spark[customer_id].append([live._ms(start), sent, cap])
+        spark[customer_id].append([datetime_to_ms(start), sent, cap])
     heartbeats = dict(
         ConductorLease.objects.filter(customer_id__in=ids).values_list(
             "customer_id", "heartbeat_at"
@@ -53,7 +54,7 @@ def overview(now_ms: int) -> dict:
         sample = samples.get(customer.pk)
         line = live.overview_line(sample) if sample else {"customer": customer.pk, "alerts": []}
         heartbeat = heartbeats.get(customer.pk)
-        heartbeat_ms = live._ms(heartbeat) if heartbeat else None
+        heartbeat_ms = datetime_to_ms(heartbeat) if heartbeat else None
         sending = Message.objects.filter(customer=customer, status=Message.Status.SENDING)
         if (
             heartbeat_ms is not None

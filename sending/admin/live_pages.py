@@ -21,6 +21,7 @@ from customers.models import PER_MINUTE_MAX, Customer, SendLimit
 from customers.services import STEERABLE_FIELDS, send_limit_steer
 
 from .. import live
+from ..clock import ms_to_datetime
 from ..models import Worker
 from ..overview import overview
 from ..permissions import may_steer, may_watch
@@ -86,11 +87,11 @@ def customer_live_view(request, customer_id: int):
         "snapshot": snapshot,
         "sample": snapshot["sample"],
         "minutes": [
-            {**row, "at": localtime(live._dt(row["t"]), customer.time_zone)}
+            {**row, "at": localtime(ms_to_datetime(row["t"]), customer.time_zone)}
             for row in reversed(snapshot["minutes"][-60:])
         ],
         "annotations": [
-            {**note, "at": localtime(live._dt(note["t"]), customer.time_zone)}
+            {**note, "at": localtime(ms_to_datetime(note["t"]), customer.time_zone)}
             for note in snapshot["annotations"]
         ],
         "errors": _recent_errors(customer.pk),

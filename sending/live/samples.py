@@ -1,4 +1,4 @@
-"""Live samples: what the operators' pages draw, built from what the engine keeps.
+"""Live samples: the engine's rows a sample is read from, and the sample built from them.
 
 A sample is read from the customer's rows in a few indexed statements — its send limit, its
 conductor lease, the CustomerMinute rows of this minute and the last, its open leases grouped by
@@ -12,103 +12,46 @@ started in a minute is `sent + failed` of its row (settled leases) plus the mark
 leases; the difference between two ticks is what was started in between. A mark is an upper
 bound (a worker announces a chunk just before starting it), so a point may lead the sends by a
 second; the per-minute bars are the ledger's `sent`, exactly.
-
-The conductor is the only writer for its customer (one chain at a time holds the customer's
-ConductorLease), so the per-customer state kept in the cache — the last counts, the per-second
-points of the last ten minutes, the steadied rate — needs no lock. Per-minute history (24 hours
-and more) is read from CustomerMinute rows when a page opens.
-
-Publishing: after commit, at most one message every PUBLISH_EVERY_MS a customer, only while it is
-sending, and only when someone watches — the consumers keep a presence key with a short TTL in
-the cache, and the publisher checks it. Messages go out through one event loop per process (a
-daemon thread), so channels_redis keeps one connection pool per process instead of one per
-publish: `async_to_sync` would run each publish on a new event loop, and channels_redis keeps a
-pool per loop until `close_pools()` is called.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection, transaction
+from django.db import connection
 
 from customers.models import Customer, ProviderAccount, SendLimit
-from customers.services import STEERABLE_FIELDS
 
-from . import planner
-from .models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
+from .. import planner
+from ..clock import datetime_to_ms, db_datetime, ms_to_datetime
+from ..models import ConductorLease, CustomerMinute, Lease, Message, Recipient, Worker
+from .presence import key
 
-log = logging.getLogger(__name__)
-
-OVERVIEW_GROUP = "live-overview"
 SECONDS_KEPT = 600  # per-second points kept in the cache: ten minutes
-HISTORY_HOURS = 24  # per-minute history a page opens with
-PRESENCE_TTL_S = 15  # a consumer refreshes its presence well within this
-PUBLISH_EVERY_MS = 250  # at most 4 messages a second a customer
-OVERVIEW_EVERY_MS = 1000  # the overview gets each customer's line at most once a second
-STATE_TTL_S = SECONDS_KEPT + 60
 MESSAGE_STATS_TTL_S = 7 * 24 * 3600
+MINUTE_COLUMNS = ("cap", "granted", "refunded", "carried_in", "sent", "failed", "throttled")
 
 
-def customer_group(customer_id: int) -> str:
-    return f"live-customer-{customer_id}"
-
-
-def _key(*parts) -> str:
-    return "live:" + ":".join(str(p) for p in parts)
-
-
-# --- presence -------------------------------------------------------------------------------
-
-
-def mark_watched(customer_id: int | None) -> None:
-    """A consumer says someone watches this customer (None: the overview)."""
-    cache.set(_key("watched", customer_id or "overview"), 1, PRESENCE_TTL_S)
-
-
-def watched(customer_id: int | None) -> bool:
-    return bool(cache.get(_key("watched", customer_id or "overview")))
-
-
-# --- reading the engine's rows --------------------------------------------------------------
-
-
-def _window_ms() -> int:
+def window_ms() -> int:
     return int(settings.SEND_WINDOW_MS)
 
 
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def _ms(value) -> int | None:
-    """Epoch milliseconds of a datetime read by raw SQL (SQLite hands back naive UTC text)."""
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        value = datetime.fromisoformat(value).replace(tzinfo=UTC)
-    return round(value.timestamp() * 1000)
-
-
-_MINUTE_COLUMNS = ("cap", "granted", "refunded", "carried_in", "sent", "failed", "throttled")
+def _row_ms(value) -> int | None:
+    """Epoch milliseconds of a datetime read by raw SQL (None stays None)."""
+    return None if value is None else datetime_to_ms(db_datetime(value))
 
 
 def read_rows(customer_id: int, now_ms: int) -> dict:
     """The engine's rows a sample is built from, in two statements."""
-    window = _window_ms()
+    window = window_ms()
     minute_ms = now_ms - now_ms % window
     minutes = [minute_ms - window, minute_ms]
     adapt = connection.ops.adapt_datetimefield_value
     live_states = [s.value for s in Worker.LIVE_STATES]
     sql = f"""
-        SELECT 'minute', m.minute_start, {", ".join("m." + c for c in _MINUTE_COLUMNS)}
+        SELECT 'minute', m.minute_start, {", ".join("m." + c for c in MINUTE_COLUMNS)}
         FROM {CustomerMinute._meta.db_table} m
         WHERE m.customer_id = %s AND m.minute_start IN (%s, %s)
         UNION ALL
@@ -135,11 +78,11 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
     """  # noqa: S608 - table names and placeholders only
     params = [
         customer_id,
-        adapt(_dt(minutes[0])),
-        adapt(_dt(minutes[1])),
+        adapt(ms_to_datetime(minutes[0])),
+        adapt(ms_to_datetime(minutes[1])),
         customer_id,
         Lease.State.OPEN.value,
-        adapt(_dt(minute_ms)),
+        adapt(ms_to_datetime(minute_ms)),
         customer_id,
         *live_states,
         customer_id,
@@ -157,10 +100,12 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
         cursor.execute(sql, params)
         for kind, at, *values in cursor.fetchall():
             if kind == "minute":
-                rows["minutes"][_ms(at)] = dict(zip(_MINUTE_COLUMNS, map(int, values), strict=True))
+                rows["minutes"][_row_ms(at)] = dict(
+                    zip(MINUTE_COLUMNS, map(int, values), strict=True)
+                )
             elif kind == "lease":
                 count, size, started = (int(v or 0) for v in values[:3])
-                rows["leases"][_ms(at)] = {"open": count, "size": size, "started": started}
+                rows["leases"][_row_ms(at)] = {"open": count, "size": size, "started": started}
             elif kind == "workers":
                 n, rate, throttled = values[:3]
                 rows["workers"] = (
@@ -178,7 +123,7 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
                     "account_cap": None if account_cap is None else int(account_cap),
                 }
             elif kind.startswith("conductor:"):
-                rows["conductor"] = (_ms(at), kind.removeprefix("conductor:"))
+                rows["conductor"] = (_row_ms(at), kind.removeprefix("conductor:"))
         # Raw SQL too: the query compiler would cost more than the query (a tick runs often).
         cursor.execute(
             f"SELECT id, subject, status, claim_after FROM {Message._meta.db_table}"  # noqa: S608
@@ -198,7 +143,7 @@ def message_stats(
     """(total, first id, last id) of each message's recipients: counted once per message and
     kept (a message's recipients are fixed once it has left draft). `found`: cache entries
     already fetched with others (one round trip a tick)."""
-    keys = {m: _key("msg", m) for m in message_ids}
+    keys = {m: key("msg", m) for m in message_ids}
     if found is None:
         found = cache.get_many(list(keys.values()))
     stats = {m: tuple(found[k]) for m, k in keys.items() if k in found}
@@ -241,7 +186,7 @@ def _started(rows: dict, minute_ms: int) -> int:
 def _ledger(rows: dict, minute_ms: int, cap: int) -> dict:
     row = rows["minutes"].get(minute_ms) or {}
     lease = rows["leases"].get(minute_ms) or {}
-    values = {c: row.get(c, 0) for c in _MINUTE_COLUMNS}
+    values = {c: row.get(c, 0) for c in MINUTE_COLUMNS}
     if not row:
         values["cap"] = cap
     values["charged"] = values["granted"] - values["refunded"] + values["carried_in"]
@@ -261,7 +206,7 @@ def build(
     """A sample and the conductor's next state, from the engine's rows and the last state."""
     rows = rows or read_rows(customer_id, now_ms)
     state = dict(state or {})
-    window = _window_ms()
+    window = window_ms()
     minute_ms = rows["minute_ms"]
     limits = rows["limits"] or {
         "per_minute": 0,
@@ -388,209 +333,3 @@ def overview_line(sample: dict) -> dict:
         "minute": {k: sample["minute"][k] for k in ("t", "sent", "cap")},
         "alerts": sample.get("alerts", []),
     }
-
-
-# --- the conductor's step -------------------------------------------------------------------
-
-
-def on_tick(*, customer_id: int, now_ms: int, sending: bool, lost: int = 0) -> dict | None:
-    """Called by each conductor tick: record the customer's per-second point, check its alerts
-    and publish a sample if someone watches. Returns the sample (None when idle)."""
-    from . import alerts
-
-    state_key = _key("state", customer_id)
-    if not sending:
-        if cache.get(state_key) is not None:
-            # One last sample, so that open pages see the send end.
-            cache.delete(state_key)
-            _publish_final(customer_id, now_ms)
-        return None
-    # Two statements and two cache round trips a tick: the rows, then everything the cache
-    # holds for them at once (the state, who watches, the messages' sizes), then the writes.
-    rows = read_rows(customer_id, now_ms)
-    watch_keys = (_key("watched", customer_id), _key("watched", "overview"))
-    cached = cache.get_many(
-        [state_key, *watch_keys, *(_key("msg", m["id"]) for m in rows["messages"])]
-    )
-    sample, state = build(customer_id, now_ms, cached.get(state_key), rows=rows, cached=cached)
-    sample["alerts"] = alerts.check(sample, lost=lost)
-    last_published = state.get("published", 0)
-    last_overview = state.get("overview", 0)
-    outgoing = []
-    if now_ms - last_published >= PUBLISH_EVERY_MS and cached.get(watch_keys[0]):
-        outgoing.append((customer_group(customer_id), {"type": "live.sample", "sample": sample}))
-        state["published"] = now_ms
-    if now_ms - last_overview >= OVERVIEW_EVERY_MS and cached.get(watch_keys[1]):
-        line = overview_line(sample)
-        outgoing.append((OVERVIEW_GROUP, {"type": "live.line", "line": line}))
-        state["overview"] = now_ms
-    cache.set_many({state_key: state, _key("last", customer_id): sample}, STATE_TTL_S)
-    if outgoing:
-        transaction.on_commit(lambda: publish(outgoing))
-    return sample
-
-
-def _publish_final(customer_id: int, now_ms: int) -> None:
-    cache.delete(_key("last", customer_id))
-    outgoing = [
-        (group, {"type": "live.idle", "customer": customer_id, "t": now_ms})
-        for group, who in ((customer_group(customer_id), customer_id), (OVERVIEW_GROUP, None))
-        if watched(who)
-    ]
-    if outgoing:
-        transaction.on_commit(lambda: publish(outgoing))
-
-
-def publish_annotation(*, customer_id: int, annotation: dict) -> None:
-    """A change of limits, drawn on the customer's charts (after commit). Pages opened later
-    read the same from the send limit's history (`limit_changes`)."""
-    if watched(customer_id):
-        message = {"type": "live.annotation", "annotation": annotation}
-        transaction.on_commit(lambda: publish([(customer_group(customer_id), message)]))
-
-
-# --- publishing -----------------------------------------------------------------------------
-
-_loop: asyncio.AbstractEventLoop | None = None
-_layer = None
-_loop_lock = threading.Lock()
-_consumer_loop: asyncio.AbstractEventLoop | None = None
-
-
-def register_consumer_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """The in-memory channel layer's queues belong to the loop its consumers run on: publish
-    there (the embedded mode's one process), not on a loop of our own."""
-    global _consumer_loop
-    _consumer_loop = loop
-
-
-def _publisher():
-    """The layer and the event loop to publish on, or (None, None)."""
-    from channels.layers import DEFAULT_CHANNEL_LAYER, InMemoryChannelLayer, channel_layers
-
-    shared = get_channel_layer()
-    if shared is None:
-        return None, None
-    if isinstance(shared, InMemoryChannelLayer):
-        loop = _consumer_loop
-        return (shared, loop) if loop is not None and loop.is_running() else (None, None)
-    global _loop, _layer
-    with _loop_lock:
-        if _loop is None or _loop.is_closed():
-            # A layer instance of its own: close_pools() closes the pools of every loop an
-            # instance has served, and the web process's consumers use the shared one.
-            _layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
-            _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, name="live-publisher", daemon=True).start()
-        return _layer, _loop
-
-
-async def _send_all(layer, outgoing) -> None:
-    for group, message in outgoing:
-        await layer.group_send(group, message)
-
-
-def publish(outgoing: list[tuple[str, dict]], *, wait_s: float | None = None) -> bool:
-    """Send (group, message) pairs through the channel layer; best effort: a channel-layer
-    outage must not stop sending. With `wait_s`, wait for them to be sent (tests, benches)."""
-    layer, loop = _publisher()
-    if layer is None:
-        return False
-    future = asyncio.run_coroutine_threadsafe(_send_all(layer, outgoing), loop)
-
-    def done(f):
-        if f.exception() is not None:
-            log.warning("could not publish a live sample: %s", f.exception())
-
-    future.add_done_callback(done)
-    if wait_s is not None:
-        future.result(wait_s)
-    return True
-
-
-def close_publisher(timeout_s: float = 5) -> None:
-    """Close the publisher's connection pool and stop its loop (process shutdown, tests)."""
-    global _loop, _layer
-    with _loop_lock:
-        loop, layer, _loop, _layer = _loop, _layer, None, None
-    if loop is None:
-        return
-    close = getattr(layer, "close_pools", None)
-    if close is not None:
-        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout_s)
-    loop.call_soon_threadsafe(loop.stop)
-
-
-# --- what a page opens with -----------------------------------------------------------------
-
-
-def history(customer_id: int, now_ms: int, *, hours: int = HISTORY_HOURS) -> list[dict]:
-    """Per-minute rows of the last `hours`, oldest first, straight from the ledger."""
-    since = _dt(now_ms - now_ms % _window_ms()) - timedelta(hours=hours)
-    rows = CustomerMinute.objects.filter(customer_id=customer_id, minute_start__gte=since).order_by(
-        "minute_start"
-    )
-    return [
-        {
-            "t": _ms(row.minute_start),
-            **{c: getattr(row, c) for c in _MINUTE_COLUMNS},
-            "charged": row.charged,
-        }
-        for row in rows
-    ]
-
-
-def limit_changes(customer_id: int, *, since) -> list[dict]:
-    """The send limit's recorded changes since `since`: the charts' annotations."""
-    records = list(
-        SendLimit.history.filter(customer_id=customer_id, history_date__gte=since)
-        .select_related("history_user")
-        .order_by("history_date", "history_id")
-    )
-    notes = []
-    previous = None
-    for record in records:
-        if previous is not None:
-            delta = record.diff_against(previous, included_fields=STEERABLE_FIELDS)
-            if delta.changes:
-                notes.append(
-                    {
-                        "t": _ms(record.history_date),
-                        "who": record.history_user.get_username() if record.history_user else "",
-                        "text": ", ".join(
-                            f"{c.field.replace('_', ' ')} {c.old} → {c.new}" for c in delta.changes
-                        ),
-                    }
-                )
-        previous = record
-    return notes
-
-
-def snapshot(customer_id: int, now_ms: int) -> dict:
-    """Everything a customer's live page draws: per-minute history from the ledger, the
-    per-second points of the last ten minutes from the cache, the last sample, annotations."""
-    state = cache.get(_key("state", customer_id)) or {}
-    last = cache.get(_key("last", customer_id))
-    if last is None:
-        last, _ = build(customer_id, now_ms, state)
-        last["alerts"] = []
-    return {
-        "customer": customer_id,
-        "t": now_ms,
-        "window_ms": _window_ms(),
-        "minutes": history(customer_id, now_ms),
-        "seconds": [
-            p for p in state.get("seconds") or [] if p[0] * 1000 > now_ms - SECONDS_KEPT * 1000
-        ],
-        "sample": last,
-        "annotations": limit_changes(
-            customer_id, since=_dt(now_ms) - timedelta(hours=HISTORY_HOURS)
-        ),
-        "sending": bool(state),
-    }
-
-
-def last_samples(customer_ids: list[int]) -> dict[int, dict]:
-    keys = {c: _key("last", c) for c in customer_ids}
-    found = cache.get_many(list(keys.values()))
-    return {c: found[k] for c, k in keys.items() if k in found}

@@ -1,0 +1,36 @@
+"""Who watches: the presence keys the live consumers refresh, the channel-layer groups, and the
+cache key scheme every part of the live package shares."""
+
+from __future__ import annotations
+
+from django.core.cache import cache
+
+OVERVIEW_GROUP = "live-overview"
+PRESENCE_TTL_S = 15  # a consumer refreshes its presence well within this
+
+
+def customer_group(customer_id: int) -> str:
+    return f"live-customer-{customer_id}"
+
+
+def key(*parts) -> str:
+    """A cache key of the live package: `live:<part>:<part>...`."""
+    return "live:" + ":".join(str(p) for p in parts)
+
+
+def _watch_key(customer_id: int | None) -> str:
+    return key("watched", customer_id or "overview")
+
+
+def mark_watched(customer_id: int | None) -> None:
+    """A consumer says someone watches this customer (None: the overview)."""
+    cache.set(_watch_key(customer_id), 1, PRESENCE_TTL_S)
+
+
+def unmark_watched(customer_id: int | None) -> None:
+    """Forget that someone watches (benches that compare watched and unwatched ticks)."""
+    cache.delete(_watch_key(customer_id))
+
+
+def watched(customer_id: int | None) -> bool:
+    return bool(cache.get(_watch_key(customer_id)))

@@ -1,0 +1,164 @@
+"""Publishing live samples: the conductor's per-tick step, and the one event loop per process
+that sends them through the channel layer.
+
+The conductor is the only writer for its customer (one chain at a time holds the customer's
+ConductorLease), so the per-customer state kept in the cache — the last counts, the per-second
+points of the last ten minutes, the steadied rate — needs no lock.
+
+After commit, at most one message every PUBLISH_EVERY_MS a customer, only while it is sending,
+and only when someone watches — the consumers keep a presence key with a short TTL in the cache,
+and the publisher checks it. Messages go out through one event loop per process (a daemon
+thread), so channels_redis keeps one connection pool per process instead of one per publish:
+`async_to_sync` would run each publish on a new event loop, and channels_redis keeps a pool per
+loop until `close_pools()` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from channels.layers import get_channel_layer
+from django.core.cache import cache
+from django.db import transaction
+
+from .presence import OVERVIEW_GROUP, customer_group, key, watched
+from .samples import SECONDS_KEPT, build, overview_line, read_rows
+
+log = logging.getLogger(__name__)
+
+PUBLISH_EVERY_MS = 250  # at most 4 messages a second a customer
+OVERVIEW_EVERY_MS = 1000  # the overview gets each customer's line at most once a second
+STATE_TTL_S = SECONDS_KEPT + 60
+
+
+# --- the conductor's step -------------------------------------------------------------------
+
+
+def on_tick(*, customer_id: int, now_ms: int, sending: bool, lost: int = 0) -> dict | None:
+    """Called by each conductor tick: record the customer's per-second point, check its alerts
+    and publish a sample if someone watches. Returns the sample (None when idle)."""
+    from .. import alerts
+
+    state_key = key("state", customer_id)
+    if not sending:
+        if cache.get(state_key) is not None:
+            # One last sample, so that open pages see the send end.
+            cache.delete(state_key)
+            _publish_final(customer_id, now_ms)
+        return None
+    # Two statements and two cache round trips a tick: the rows, then everything the cache
+    # holds for them at once (the state, who watches, the messages' sizes), then the writes.
+    rows = read_rows(customer_id, now_ms)
+    watch_keys = (key("watched", customer_id), key("watched", "overview"))
+    cached = cache.get_many(
+        [state_key, *watch_keys, *(key("msg", m["id"]) for m in rows["messages"])]
+    )
+    sample, state = build(customer_id, now_ms, cached.get(state_key), rows=rows, cached=cached)
+    sample["alerts"] = alerts.check(sample, lost=lost)
+    last_published = state.get("published", 0)
+    last_overview = state.get("overview", 0)
+    outgoing = []
+    if now_ms - last_published >= PUBLISH_EVERY_MS and cached.get(watch_keys[0]):
+        outgoing.append((customer_group(customer_id), {"type": "live.sample", "sample": sample}))
+        state["published"] = now_ms
+    if now_ms - last_overview >= OVERVIEW_EVERY_MS and cached.get(watch_keys[1]):
+        line = overview_line(sample)
+        outgoing.append((OVERVIEW_GROUP, {"type": "live.line", "line": line}))
+        state["overview"] = now_ms
+    cache.set_many({state_key: state, key("last", customer_id): sample}, STATE_TTL_S)
+    if outgoing:
+        transaction.on_commit(lambda: publish(outgoing))
+    return sample
+
+
+def _publish_final(customer_id: int, now_ms: int) -> None:
+    cache.delete(key("last", customer_id))
+    outgoing = [
+        (group, {"type": "live.idle", "customer": customer_id, "t": now_ms})
+        for group, who in ((customer_group(customer_id), customer_id), (OVERVIEW_GROUP, None))
+        if watched(who)
+    ]
+    if outgoing:
+        transaction.on_commit(lambda: publish(outgoing))
+
+
+def publish_annotation(*, customer_id: int, annotation: dict) -> None:
+    """A change of limits, drawn on the customer's charts (after commit). Pages opened later
+    read the same from the send limit's history (`limit_changes`)."""
+    if watched(customer_id):
+        message = {"type": "live.annotation", "annotation": annotation}
+        transaction.on_commit(lambda: publish([(customer_group(customer_id), message)]))
+
+
+# --- publishing -----------------------------------------------------------------------------
+
+_loop: asyncio.AbstractEventLoop | None = None
+_layer = None
+_loop_lock = threading.Lock()
+_consumer_loop: asyncio.AbstractEventLoop | None = None
+
+
+def register_consumer_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The in-memory channel layer's queues belong to the loop its consumers run on: publish
+    there (the embedded mode's one process), not on a loop of our own."""
+    global _consumer_loop
+    _consumer_loop = loop
+
+
+def _publisher():
+    """The layer and the event loop to publish on, or (None, None)."""
+    from channels.layers import DEFAULT_CHANNEL_LAYER, InMemoryChannelLayer, channel_layers
+
+    shared = get_channel_layer()
+    if shared is None:
+        return None, None
+    if isinstance(shared, InMemoryChannelLayer):
+        loop = _consumer_loop
+        return (shared, loop) if loop is not None and loop.is_running() else (None, None)
+    global _loop, _layer
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            # A layer instance of its own: close_pools() closes the pools of every loop an
+            # instance has served, and the web process's consumers use the shared one.
+            _layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="live-publisher", daemon=True).start()
+        return _layer, _loop
+
+
+async def _send_all(layer, outgoing) -> None:
+    for group, message in outgoing:
+        await layer.group_send(group, message)
+
+
+def publish(outgoing: list[tuple[str, dict]], *, wait_s: float | None = None) -> bool:
+    """Send (group, message) pairs through the channel layer; best effort: a channel-layer
+    outage must not stop sending. With `wait_s`, wait for them to be sent (tests, benches)."""
+    layer, loop = _publisher()
+    if layer is None:
+        return False
+    future = asyncio.run_coroutine_threadsafe(_send_all(layer, outgoing), loop)
+
+    def done(f):
+        if f.exception() is not None:
+            log.warning("could not publish a live sample: %s", f.exception())
+
+    future.add_done_callback(done)
+    if wait_s is not None:
+        future.result(wait_s)
+    return True
+
+
+def close_publisher(timeout_s: float = 5) -> None:
+    """Close the publisher's connection pool and stop its loop (process shutdown, tests)."""
+    global _loop, _layer
+    with _loop_lock:
+        loop, layer, _loop, _layer = _loop, _layer, None, None
+    if loop is None:
+        return
+    close = getattr(layer, "close_pools", None)
+    if close is not None:
+        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout_s)
+    loop.call_soon_threadsafe(loop.stop)
