@@ -118,6 +118,16 @@ def redis_commands(redis_url: str) -> int:
         client.close()
 
 
+def clear_probes(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
 def probes(redis_url: str) -> dict[int, dict]:
     import redis
 
@@ -292,6 +302,7 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
             result["noisy_provider"] = how
         print(f"[{label}] {len(fleet.customers)} customers made in "
               f"{time.monotonic() - t0:.0f} s; load {_load()}", flush=True)  # fmt: skip
+        clear_probes(redis_url)
         fleet.start()
         _sql(TRIGGER_SQL)
         own = {pid for (pid,) in _sql("SELECT pg_backend_pid()")}
@@ -394,9 +405,10 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
 def _snapshot(fleet: Fleet, backends: BackendCpu, redis_url: str) -> dict:
     at = time.time()
     celery_pids = {p.process.pid for p in fleet.procs if p.name.startswith("celery-worker")}
+    web_pids = {p.process.pid for p in fleet.procs if p.name == "uvicorn"}
     found = probes(redis_url)
     celery = [v for pid, v in found.items() if pid in celery_pids]
-    web = [v for v in found.values() if v["role"] == "web"]
+    web = [v for pid, v in found.items() if pid in web_pids]
     if len(celery) != len(celery_pids) or len(web) != 1:
         raise RuntimeError(f"probes missing: {sorted(found)} for celery {sorted(celery_pids)}")
     workers = sum(v["worker_threads_cpu_s"] for v in celery)

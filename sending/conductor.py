@@ -17,12 +17,17 @@ Each tick, in small steps that tests call one at a time:
 """
 
 import logging
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Avg, Count, Exists, OuterRef, Q
+from django.db import DatabaseError, transaction
+from django.db.models import Avg, Count, Exists, F, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
+
+from customers.models import SendLimit
 
 from . import checkin, leases, ledger, pacing, queue
 from .clock import Clock, ms_to_datetime
@@ -92,26 +97,103 @@ class TickReport:
 
 
 def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
+    """One customer's tick (its lease held by the caller): tick_many for one."""
+    return tick_many(customer_ids=[customer_id], clock=clock, runtime=runtime)[customer_id]
+
+
+def tick_many(
+    *, customer_ids: list[int], clock: Clock | None = None, runtime=None
+) -> dict[int, TickReport]:
+    """Tick these customers (their leases held by the caller) with set-based reads: a handful
+    of statements for all of them, then per customer only its live sample (two statements) and
+    whatever its rows say can change — reclaiming an overdue batch, starting a worker.
+
+    One customer's failure is logged and leaves the others' ticks alone.
+    """
     clock = clock or Clock.read()
-    report = TickReport(customer_id=customer_id)
-    report.reclaimed = leases.reclaim_overdue(clock=clock, customer_id=customer_id)
-    report.lost = mark_lost_workers(customer_id=customer_id, clock=clock)
-    report.completed = complete_finished_messages(customer_id=customer_id, clock=clock)
-    cancel_leftovers(customer_id=customer_id)
-    sending = Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
-    # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
-    out = Lease.objects.filter(customer_id=customer_id, state=Lease.State.OPEN)
-    report.sending = sending.exists() or out.exists()
-    if sending.exists():
-        report.started = start_workers(customer_id=customer_id, clock=clock, runtime=runtime)
-    report.sample = record_live_sample(
-        customer_id=customer_id, now_ms=clock.now_ms, sending=report.sending, lost=report.lost
+    reports = {c: TickReport(customer_id=c) for c in customer_ids}
+    if not customer_ids:
+        return reports
+    due = Lease.objects.filter(
+        Q(overdue_at__lte=clock.now) | Q(expires_at__lte=clock.now),
+        state=Lease.State.OPEN,
+        customer_id__in=customer_ids,
     )
-    return report
+    for customer_id in set(due.values_list("customer_id", flat=True)):
+        with _isolated(customer_id):
+            reports[customer_id].reclaimed = leases.reclaim_overdue(
+                clock=clock, customer_id=customer_id
+            )
+    for customer_id, n in mark_lost_workers(customer_ids=customer_ids, clock=clock).items():
+        reports[customer_id].lost = n
+    for customer_id, message_id in complete_finished_messages(
+        customer_ids=customer_ids, clock=clock
+    ):
+        reports[customer_id].completed.append(message_id)
+    cancel_leftovers(customer_ids=customer_ids)
+    sending = set(
+        Message.objects.filter(customer_id__in=customer_ids, status=Message.Status.SENDING)
+        .order_by()
+        .values_list("customer_id", flat=True)
+        .union(
+            # Keep ticking while batches are out, so expired ones are reclaimed even after a
+            # cancel.
+            Lease.objects.filter(customer_id__in=customer_ids, state=Lease.State.OPEN)
+            .order_by()
+            .values_list("customer_id", flat=True)
+        )
+    )
+    for customer_id in _may_need_workers(customer_ids=customer_ids):
+        with _isolated(customer_id):
+            reports[customer_id].started = start_workers(
+                customer_id=customer_id, clock=clock, runtime=runtime
+            )
+    for customer_id, report in reports.items():
+        report.sending = customer_id in sending
+        with _isolated(customer_id):
+            report.sample = record_live_sample(
+                customer_id=customer_id,
+                now_ms=clock.now_ms,
+                sending=report.sending,
+                lost=report.lost,
+            )
+    return reports
 
 
-def mark_lost_workers(*, customer_id: int, clock: Clock) -> int:
-    """Workers that never checked in after starting, or went quiet, are lost.
+@contextmanager
+def _isolated(customer_id: int):
+    try:
+        yield
+    except DatabaseError:
+        raise  # the connection's state is the caller's to handle
+    except Exception:
+        log.exception("customer %s: tick step failed", customer_id)
+
+
+def _may_need_workers(*, customer_ids: list[int]) -> list[int]:
+    """Customers with a message sending, not paused, with fewer live workers than their
+    max_workers: only those can need a worker started (start_workers decides)."""
+    live = (
+        Worker.objects.filter(customer_id=OuterRef("customer_id"), state__in=Worker.LIVE_STATES)
+        .order_by()
+        .values("customer_id")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    sending = Message.objects.filter(
+        customer_id=OuterRef("customer_id"), status=Message.Status.SENDING
+    )
+    return list(
+        SendLimit.objects.filter(customer_id__in=customer_ids, paused=False)
+        .filter(Exists(sending))
+        .annotate(live=Coalesce(Subquery(live), 0))
+        .filter(live__lt=F("max_workers"))
+        .values_list("customer_id", flat=True)
+    )
+
+
+def mark_lost_workers(*, customer_ids: list[int], clock: Clock) -> dict[int, int]:
+    """Workers that never checked in after starting, or went quiet, are lost (per customer).
 
     A live worker checks in at least once a window (a grant never outlives its minute, a wait
     never outlasts one), so silence for a window plus the send timeout plus a margin means it is
@@ -121,38 +203,45 @@ def mark_lost_workers(*, customer_id: int, clock: Clock) -> int:
     window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
     quiet_after = window + timedelta(seconds=10)
     start_timeout = timedelta(seconds=settings.WORKER_START_TIMEOUT_S)
-    return (
-        Worker.objects.filter(customer_id=customer_id)
+    silent = list(
+        Worker.objects.filter(customer_id__in=customer_ids)
         .filter(
             Q(state=Worker.State.STARTING, started_at__lt=now - start_timeout)
             | Q(state=Worker.State.RUNNING, last_checkin_at__lt=now - quiet_after)
         )
-        .update(state=Worker.State.LOST, stopped_at=now, stop_reason="stopped checking in")
+        .values_list("pk", "customer_id")
     )
+    if not silent:
+        return {}
+    Worker.objects.filter(pk__in=[pk for pk, _ in silent], state__in=Worker.LIVE_STATES).update(
+        state=Worker.State.LOST, stopped_at=now, stop_reason="stopped checking in"
+    )
+    return dict(Counter(customer_id for _, customer_id in silent))
 
 
-def complete_finished_messages(*, customer_id: int, clock: Clock) -> list[int]:
+def complete_finished_messages(*, customer_ids: list[int], clock: Clock) -> list[tuple[int, int]]:
+    """Messages sending with nothing queued or leased are completed: (customer, message)."""
     pending = Recipient.objects.filter(
         message_id=OuterRef("pk"), status__in=[Recipient.Status.QUEUED, Recipient.Status.LEASED]
     )
     finished = list(
-        Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
+        Message.objects.filter(customer_id__in=customer_ids, status=Message.Status.SENDING)
         .exclude(Exists(pending))
-        .values_list("pk", flat=True)
+        .values_list("customer_id", "pk")
     )
     if finished:
-        Message.objects.filter(pk__in=finished, status=Message.Status.SENDING).update(
-            status=Message.Status.COMPLETED, completed_at=clock.now
-        )
-        log.info("customer %s: messages %s completed", customer_id, finished)
+        Message.objects.filter(
+            pk__in=[m for _, m in finished], status=Message.Status.SENDING
+        ).update(status=Message.Status.COMPLETED, completed_at=clock.now)
+        log.info("messages %s completed", finished)
     return finished
 
 
-def cancel_leftovers(*, customer_id: int) -> int:
+def cancel_leftovers(*, customer_ids: list[int]) -> int:
     """Recipients of a cancelled message that a worker handed back unsent are cancelled too."""
     queued = Recipient.objects.filter(message_id=OuterRef("pk"), status=Recipient.Status.QUEUED)
     cancelled = Message.objects.filter(
-        Exists(queued), customer_id=customer_id, status=Message.Status.CANCELLED
+        Exists(queued), customer_id__in=customer_ids, status=Message.Status.CANCELLED
     ).values_list("pk", flat=True)
     return queue.cancel_queued(message_ids=list(cancelled))
 
