@@ -377,6 +377,19 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
                 "load_avg": _load(),
             }
         )
+        per_minute_cpu = result["cpu_s_per_customer_minute"]
+        # At the measured cost, if CPU is the limit: one Celery process uses one core at most
+        # (one GIL), PostgreSQL's backends one core each.
+        result["customers_per_celery_process"] = (
+            round(60 / per_minute_cpu["celery"]) if per_minute_cpu["celery"] else None
+        )
+        result["customers_per_postgres_core"] = (
+            round(60 / per_minute_cpu["postgres"]) if per_minute_cpu["postgres"] else None
+        )
+        result["celery_cores_by_process"] = [
+            round((after["own"][pid] - before["own"].get(pid, 0)) / window_s, 3)
+            for pid in sorted(after["own"])
+        ]
         result["conductor_tasks_per_s_by_process"] = [
             round((after["tasks"][pid] - before["tasks"].get(pid, 0)) / window_s, 1)
             for pid in sorted(after["tasks"])
@@ -422,6 +435,11 @@ def _snapshot(fleet: Fleet, backends: BackendCpu, redis_url: str) -> dict:
         "web_statements": web[0]["statements"],
         "checkins": web[0]["checkins"],
         "tasks": {pid: v["conductor_tasks"] for pid, v in found.items() if pid in celery_pids},
+        "own": {
+            pid: v["cpu_s"] - v["worker_threads_cpu_s"]
+            for pid, v in found.items()
+            if pid in celery_pids
+        },
         "redis": redis_commands(redis_url),
     }
 
