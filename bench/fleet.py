@@ -451,35 +451,72 @@ def _round(value, digits: int = 1):
 # --- the curve ---------------------------------------------------------------------------------
 
 
-def plot(results: dict, path: str, title: str) -> None:
+def _cost_rows(results: dict) -> list[tuple[int, dict]]:
+    return sorted(
+        (r["customers"], r["cpu_s_per_customer_minute"])
+        for r in results.values()
+        if r.get("per_minute") == 120 and "cpu_s_per_customer_minute" in r
+    )
+
+
+def plot(results: dict, path: str, title: str, baseline: dict | None = None) -> None:
+    """CPU seconds per sending customer-minute against N, by process; with `baseline` (an
+    earlier run's ``fleet`` figures) its EmailOps total as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(
-        (r["customers"], r["cpu_s_per_customer_minute"])
-        for r in results.values()
-        if r.get("per_minute") == 120 and "cpu_s_per_customer_minute" in r
-    )
+    rows = _cost_rows(results)
     if not rows:
         return
     xs = [n for n, _ in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, (ax, util) = plt.subplots(
+        1, 2, figsize=(11, 4.2), dpi=110, gridspec_kw={"width_ratios": [3, 2]}
+    )
     series = {
         "celery": "Celery (conductors)",
         "web": "web (check-ins)",
         "postgres": "PostgreSQL",
-        "workers": "simulated workers (Lambda)",
+        "workers": "simulated workers (Lambda in production)",
     }
     for key, label in series.items():
         ax.plot(xs, [c[key] for _, c in rows], marker="o", label=label)
+    ax.plot(
+        xs,
+        [c["celery"] + c["web"] + c["postgres"] for _, c in rows],
+        marker="s", color="black", label="EmailOps total (Celery + web + PostgreSQL)",
+    )  # fmt: skip
+    if baseline:
+        before = _cost_rows(baseline)
+        ax.plot(
+            [n for n, _ in before],
+            [c["celery"] + c["web"] + c["postgres"] for _, c in before],
+            marker="s", color="grey", linestyle="--",
+            label="EmailOps total, before (a Celery chain per customer)",
+        )  # fmt: skip
     ax.set_xlabel("customers sending at once (120/min each)")
     ax.set_ylabel("CPU seconds per customer-minute")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    # A starved fleet costs less per customer-minute because it does less: read the cost
+    # beside the utilization it bought.
+    for figures, style, label in ((results, "-", "now"), (baseline or {}, "--", "before")):
+        points = sorted(
+            (r["customers"], r["utilization_min"])
+            for r in figures.values()
+            if r.get("per_minute") == 120 and r.get("utilization_min") is not None
+        )
+        if points:
+            util.plot(*zip(*points, strict=True), marker="o", linestyle=style, label=label)
+    util.axhline(0.99, color="green", linewidth=0.8, label="target 0.99")
+    util.set_xlabel("customers sending at once (120/min each)")
+    util.set_ylabel("utilization min (accepted ÷ cap, full minutes)")
+    util.set_ylim(0, 1.05)
+    util.grid(alpha=0.3)
+    util.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -496,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noisy", action="store_true", help="also the noisy-neighbour run")
     parser.add_argument("--no-fleet", action="store_true", help="skip the N runs (with --noisy)")
     parser.add_argument("--plot", default=None, help=f"write the curve here (e.g. {PLOT})")
+    parser.add_argument(
+        "--baseline", default=None, help="an earlier run's last line (JSON), drawn dashed"
+    )
     args = parser.parse_args(argv)
-    database_url = os.environ.get("FLEET_DATABASE_URL") or DEFAULT_DATABASE_URL
+    database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_proc, redis_url = start_redis()
     try:
         conf = configure_environment(database_url=database_url, redis_url=redis_url)
@@ -532,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
         if args.plot and out["fleet"]:
-            plot(out["fleet"], args.plot, f"bench.fleet, {time.strftime('%Y-%m-%d')} at {commit}")
+            baseline = None
+            if args.baseline:
+                with open(args.baseline) as f:
+                    baseline = json.loads(f.read().strip().splitlines()[-1])["fleet"]
+            title = f"bench.fleet, {time.strftime('%Y-%m-%d')} at {commit}"
+            plot(out["fleet"], args.plot, title, baseline)
         out.update(
             idle_customers=args.idle,
             minutes=args.minutes,
