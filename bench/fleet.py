@@ -15,7 +15,8 @@ Per run
 - ``tick_late_p95_ms``: p95 over customers of (time between two ticks of a customer - the tick
   interval CONDUCTOR_TICK_MS);
 - ``statements_per_tick``: SQL statements the Celery processes sent ÷ customer-ticks;
-  ``statements_per_checkin``: the web process's statements ÷ the check-ins it answered
+  ``statements_per_checkin``: the web process's statements ÷ the check-ins it answered, and
+  ``statements_per_worker_request``: ÷ check-ins and progress calls together
   (counted inside those processes, ``bench.fleet_probe``);
 - ``cpu_s_per_customer_minute``: CPU seconds per sending customer per minute of the Celery
   processes (their simulated workers' threads excluded and shown apart as ``workers``), the web
@@ -200,14 +201,15 @@ def create_idle(prefix: str, n: int) -> list[int]:
 
 
 def spec_for(customers: int, per_minute: int, minutes: int, celery_workers: int) -> FleetSpec:
-    fast = per_minute > 600
+    # The send limits a new customer gets (SendLimit's defaults: batches of up to 500, 16 calls
+    # in flight), one worker at 120/min and up to four at 6,000/min.
     return FleetSpec(
         customers=customers,
         per_minute=per_minute,
         recipients=per_minute * (minutes + 3),
-        batch_size=200 if fast else 10,
-        concurrency=16 if fast else 1,
-        max_workers=4 if fast else 1,
+        batch_size=500,
+        concurrency=16,
+        max_workers=4 if per_minute > 600 else 1,
         celery_workers=celery_workers,
         celery_app="bench.fleet_probe",
         asgi_app="bench.fleet_probe:application",
@@ -351,6 +353,7 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
         customer_minutes = len(fleet.customers) * window_s / 60
         statements = after["celery_statements"] - before["celery_statements"]
         checkins = after["checkins"] - before["checkins"]
+        progress = after["progress"] - before["progress"]
         result.update(
             {
                 "over_cap_minutes": over,
@@ -364,6 +367,12 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
                     (after["web_statements"] - before["web_statements"]) / max(checkins, 1), 2
                 ),
                 "checkins_per_s": round(checkins / window_s, 1),
+                "progress_calls_per_s": round(progress / window_s, 1),
+                "statements_per_worker_request": _round(
+                    (after["web_statements"] - before["web_statements"])
+                    / max(checkins + progress, 1),
+                    2,
+                ),
                 "cpu_s_per_customer_minute": {
                     k: round(v / customer_minutes, 4) for k, v in cpu.items()
                 },
@@ -434,6 +443,7 @@ def _snapshot(fleet: Fleet, backends: BackendCpu, redis_url: str) -> dict:
         "celery_statements": sum(v["statements"] for v in celery),
         "web_statements": web[0]["statements"],
         "checkins": web[0]["checkins"],
+        "progress": web[0].get("progress", 0),
         "tasks": {pid: v["conductor_tasks"] for pid, v in found.items() if pid in celery_pids},
         "own": {
             pid: v["cpu_s"] - v["worker_threads_cpu_s"]

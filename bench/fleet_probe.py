@@ -5,8 +5,8 @@ and the web process ``bench.fleet_probe:application`` (the project's ASGI app, w
 
 - every SQL statement the process sends through Django is counted (a wrapper added to each
   database connection as it is made), PostgreSQL having no pg_stat_statements here;
-- the web process counts the worker check-ins it answers, the Celery worker the conductor tasks
-  it ran (so the bench shows how the worker processes share them);
+- the web process counts the worker check-ins and progress calls it answers, the Celery worker
+  the conductor tasks it ran (so the bench shows how the worker processes share them);
 - the Celery worker splits its CPU between the simulated workers' threads (``worker-N`` and
   their ``send_N`` pools, which run in this process in the LOCAL runtime's thread mode: Lambda
   in production) and everything else (the conductor: Celery's threads, the ticks, publishing).
@@ -28,7 +28,7 @@ import time
 from django.db.backends.signals import connection_created
 
 _lock = threading.Lock()
-_counts = {"statements": 0, "checkins": 0, "conductor_tasks": 0}
+_counts = {"statements": 0, "checkins": 0, "progress": 0, "conductor_tasks": 0}
 _role = "web" if "uvicorn" in sys.argv[0] else "celery"
 _WORKER_THREADS = ("worker-", "send_")
 
@@ -88,9 +88,9 @@ if _role == "web":
     from emailops.asgi import application as _inner
 
     async def application(scope, receive, send):
-        if scope["type"] == "http" and scope["path"].endswith("/checkin"):
+        if scope["type"] == "http" and scope["path"].endswith(("/checkin", "/progress")):
             with _lock:
-                _counts["checkins"] += 1
+                _counts["checkins" if scope["path"].endswith("/checkin") else "progress"] += 1
         await _inner(scope, receive, send)
 
     _start()
