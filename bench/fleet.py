@@ -532,6 +532,13 @@ def plot(results: dict, path: str, title: str, baseline: dict | None = None) -> 
     plt.close(fig)
 
 
+def _baseline(path: str | None) -> dict | None:
+    if not path:
+        return None
+    with open(path) as f:
+        return json.loads(f.read().strip().splitlines()[-1])["fleet"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fleet", description=__doc__.split("\n")[0]
@@ -546,7 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", default=None, help="an earlier run's last line (JSON), drawn dashed"
     )
+    parser.add_argument(
+        "--plot-from", default=None, help="no runs: draw --plot from a run's last line (JSON)"
+    )
     args = parser.parse_args(argv)
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            out = json.loads(f.read().strip().splitlines()[-1])
+        title = f"bench.fleet, {out.get('date', '')} at {out.get('commit', '')}"
+        plot(out["fleet"], args.plot or PLOT, title, _baseline(args.baseline))
+        return 0
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_proc, redis_url = start_redis()
     try:
@@ -582,13 +598,10 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
         if args.plot and out["fleet"]:
-            baseline = None
-            if args.baseline:
-                with open(args.baseline) as f:
-                    baseline = json.loads(f.read().strip().splitlines()[-1])["fleet"]
             title = f"bench.fleet, {time.strftime('%Y-%m-%d')} at {commit}"
-            plot(out["fleet"], args.plot, title, baseline)
+            plot(out["fleet"], args.plot, title, _baseline(args.baseline))
         out.update(
+            date=time.strftime("%Y-%m-%d"),
             idle_customers=args.idle,
             minutes=args.minutes,
             commit=commit,
