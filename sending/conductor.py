@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
-from django.db.models import Avg, Count, Exists, F, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Avg, Count, Exists, OuterRef, Q
 
-from customers.models import SendLimit
+from customers.models import Customer, SendLimit
 
 from . import checkin, leases, ledger, pacing, queue
 from .clock import Clock, ms_to_datetime
@@ -36,6 +35,10 @@ from .models import ConductorLease, Lease, Message, Recipient, Worker
 from .runtimes import get_runtime, worker_api_url
 
 log = logging.getLogger(__name__)
+
+
+# A live worker that has been silent for a window, the send timeout and this is lost.
+SILENT_MARGIN = timedelta(seconds=10)
 
 
 def lease_seconds() -> float:
@@ -114,36 +117,27 @@ def tick_many(
     reports = {c: TickReport(customer_id=c) for c in customer_ids}
     if not customer_ids:
         return reports
-    due = Lease.objects.filter(
-        Q(overdue_at__lte=clock.now) | Q(expires_at__lte=clock.now),
-        state=Lease.State.OPEN,
-        customer_id__in=customer_ids,
-    )
-    for customer_id in set(due.values_list("customer_id", flat=True)):
+    states = read_states(customer_ids=customer_ids, clock=clock)
+    for customer_id in [c for c, state in states.items() if state.due]:
         with _isolated(customer_id):
             reports[customer_id].reclaimed = leases.reclaim_overdue(
                 clock=clock, customer_id=customer_id
             )
-    for customer_id, n in mark_lost_workers(customer_ids=customer_ids, clock=clock).items():
+    silent = [c for c, state in states.items() if state.silent]
+    for customer_id, n in mark_lost_workers(customer_ids=silent, clock=clock).items():
         reports[customer_id].lost = n
-    for customer_id, message_id in complete_finished_messages(
-        customer_ids=customer_ids, clock=clock
-    ):
+    finished = [c for c, state in states.items() if state.finished]
+    for customer_id, message_id in complete_finished_messages(customer_ids=finished, clock=clock):
         reports[customer_id].completed.append(message_id)
-    cancel_leftovers(customer_ids=customer_ids)
-    sending = set(
-        Message.objects.filter(customer_id__in=customer_ids, status=Message.Status.SENDING)
-        .order_by()
-        .values_list("customer_id", flat=True)
-        .union(
-            # Keep ticking while batches are out, so expired ones are reclaimed even after a
-            # cancel.
-            Lease.objects.filter(customer_id__in=customer_ids, state=Lease.State.OPEN)
-            .order_by()
-            .values_list("customer_id", flat=True)
-        )
-    )
-    for customer_id in _may_need_workers(customer_ids=customer_ids):
+    cancel_leftovers(customer_ids=[c for c, state in states.items() if state.leftovers])
+    # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
+    sending = {c for c, state in states.items() if state.sending or state.out}
+    changed = [c for c, state in states.items() if state.due or state.finished]
+    if changed:  # a reclaim or a completion: read those customers' state again
+        sending -= set(changed)
+        sending |= {c for c, state in read_states(customer_ids=changed, clock=clock).items()
+                    if state.sending or state.out}  # fmt: skip
+    for customer_id in [c for c, state in states.items() if state.may_start and c in sending]:
         with _isolated(customer_id):
             reports[customer_id].started = start_workers(
                 customer_id=customer_id, clock=clock, runtime=runtime
@@ -170,26 +164,67 @@ def _isolated(customer_id: int):
         log.exception("customer %s: tick step failed", customer_id)
 
 
-def _may_need_workers(*, customer_ids: list[int]) -> list[int]:
-    """Customers with a message sending, not paused, with fewer live workers than their
-    max_workers: only those can need a worker started (start_workers decides)."""
-    live = (
-        Worker.objects.filter(customer_id=OuterRef("customer_id"), state__in=Worker.LIVE_STATES)
-        .order_by()
-        .values("customer_id")
-        .annotate(n=Count("id"))
-        .values("n")
+@dataclass(frozen=True)
+class State:
+    """What a customer's rows say can change at this tick."""
+
+    due: bool  # an open batch past its overdue or expiry mark: reclaim it
+    silent: bool  # a live worker that never checked in, or went quiet: lost
+    finished: bool  # a sending message with nothing queued or leased: complete it
+    leftovers: bool  # a cancelled message with queued recipients handed back: cancel them
+    sending: bool  # a message sending
+    out: bool  # a batch out
+    may_start: bool  # not paused, fewer live workers than max_workers: start_workers decides
+
+
+_STATE_SQL = """
+SELECT c.id,
+  EXISTS (SELECT 1 FROM {lease} l WHERE l.customer_id = c.id AND l.state = 'open'
+          AND (l.overdue_at <= %s OR l.expires_at <= %s)),
+  EXISTS (SELECT 1 FROM {worker} w WHERE w.customer_id = c.id
+          AND ((w.state = 'starting' AND w.started_at < %s)
+               OR (w.state = 'running' AND w.last_checkin_at < %s))),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'sending'
+          AND NOT EXISTS (SELECT 1 FROM {recipient} r WHERE r.message_id = m.id
+                          AND r.status IN ('queued', 'leased'))),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'cancelled'
+          AND EXISTS (SELECT 1 FROM {recipient} r WHERE r.message_id = m.id
+                      AND r.status = 'queued')),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'sending'),
+  EXISTS (SELECT 1 FROM {lease} l WHERE l.customer_id = c.id AND l.state = 'open'),
+  EXISTS (SELECT 1 FROM {limit} s WHERE s.customer_id = c.id AND NOT s.paused
+          AND s.max_workers > (SELECT COUNT(*) FROM {worker} w WHERE w.customer_id = c.id
+                               AND w.state IN ('starting', 'running')))
+FROM {customer} c WHERE c.id IN ({ids})
+"""
+
+
+def read_states(*, customer_ids: list[int], clock: Clock) -> dict[int, State]:
+    """Every customer's State in one statement (hand-written: it runs every round)."""
+    if not customer_ids:
+        return {}
+    now = clock.now
+    window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
+    adapt = connection.ops.adapt_datetimefield_value
+    sql = _STATE_SQL.format(
+        lease=Lease._meta.db_table,
+        worker=Worker._meta.db_table,
+        message=Message._meta.db_table,
+        recipient=Recipient._meta.db_table,
+        limit=SendLimit._meta.db_table,
+        customer=Customer._meta.db_table,
+        ids=", ".join(["%s"] * len(customer_ids)),
     )
-    sending = Message.objects.filter(
-        customer_id=OuterRef("customer_id"), status=Message.Status.SENDING
-    )
-    return list(
-        SendLimit.objects.filter(customer_id__in=customer_ids, paused=False)
-        .filter(Exists(sending))
-        .annotate(live=Coalesce(Subquery(live), 0))
-        .filter(live__lt=F("max_workers"))
-        .values_list("customer_id", flat=True)
-    )
+    params = [
+        adapt(now),
+        adapt(now),
+        adapt(now - timedelta(seconds=settings.WORKER_START_TIMEOUT_S)),
+        adapt(now - window - SILENT_MARGIN),
+        *customer_ids,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0]: State(*(bool(v) for v in row[1:])) for row in cursor.fetchall()}
 
 
 def mark_lost_workers(*, customer_ids: list[int], clock: Clock) -> dict[int, int]:
@@ -199,9 +234,11 @@ def mark_lost_workers(*, customer_ids: list[int], clock: Clock) -> dict[int, int
     never outlasts one), so silence for a window plus the send timeout plus a margin means it is
     gone. Its open lease, if any, is reclaimed when the lease expires.
     """
+    if not customer_ids:
+        return {}
     now = clock.now
     window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
-    quiet_after = window + timedelta(seconds=10)
+    quiet_after = window + SILENT_MARGIN
     start_timeout = timedelta(seconds=settings.WORKER_START_TIMEOUT_S)
     silent = list(
         Worker.objects.filter(customer_id__in=customer_ids)
@@ -221,6 +258,8 @@ def mark_lost_workers(*, customer_ids: list[int], clock: Clock) -> dict[int, int
 
 def complete_finished_messages(*, customer_ids: list[int], clock: Clock) -> list[tuple[int, int]]:
     """Messages sending with nothing queued or leased are completed: (customer, message)."""
+    if not customer_ids:
+        return []
     pending = Recipient.objects.filter(
         message_id=OuterRef("pk"), status__in=[Recipient.Status.QUEUED, Recipient.Status.LEASED]
     )
@@ -239,6 +278,8 @@ def complete_finished_messages(*, customer_ids: list[int], clock: Clock) -> list
 
 def cancel_leftovers(*, customer_ids: list[int]) -> int:
     """Recipients of a cancelled message that a worker handed back unsent are cancelled too."""
+    if not customer_ids:
+        return 0
     queued = Recipient.objects.filter(message_id=OuterRef("pk"), status=Recipient.Status.QUEUED)
     cancelled = Message.objects.filter(
         Exists(queued), customer_id__in=customer_ids, status=Message.Status.CANCELLED

@@ -182,7 +182,7 @@ def test_two_celery_processes_share_the_shards_and_never_conduct_one_customer_tw
             return all(_rounds_run(logs.get(f"conductor-{x}.log", "")) >= 3 for x in "ab")
 
         try:
-            wait_until(both_ran_rounds, timeout_s=60, every_s=0.2, what="rounds in both")
+            wait_until(both_ran_rounds, timeout_s=120, every_s=0.2, what="rounds in both")
         except AssertionError:
             print(celery_workers.output())
             raise
@@ -190,7 +190,7 @@ def test_two_celery_processes_share_the_shards_and_never_conduct_one_customer_tw
         celery_workers.kill(a, signal.SIGKILL)  # its chains, ticks and worker threads die
         try:
             for message in messages:
-                wait_until(completed(message), timeout_s=120, every_s=0.2, what="completion")
+                wait_until(completed(message), timeout_s=240, every_s=0.2, what="completion")
         except AssertionError:
             print(celery_workers.output())
             raise
