@@ -471,7 +471,7 @@ def _cost_rows(results: dict) -> list[tuple[int, dict]]:
 
 def plot(results: dict, path: str, title: str, baseline: dict | None = None) -> None:
     """CPU seconds per sending customer-minute against N, by process; with `baseline` (an
-    earlier run's ``fleet`` figures) its EmailOps total as a dashed line."""
+    earlier run's ``fleet`` figures) its Celery cost as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,9 +501,9 @@ def plot(results: dict, path: str, title: str, baseline: dict | None = None) -> 
         before = _cost_rows(baseline)
         ax.plot(
             [n for n, _ in before],
-            [c["celery"] + c["web"] + c["postgres"] for _, c in before],
-            marker="s", color="grey", linestyle="--",
-            label="EmailOps total, before (a Celery chain per customer)",
+            [c["celery"] for _, c in before],
+            marker="o", color="grey", linestyle="--",
+            label="Celery (conductors), before: a chain per customer",
         )  # fmt: skip
     ax.set_xlabel("customers sending at once (120/min each)")
     ax.set_ylabel("CPU seconds per customer-minute")
