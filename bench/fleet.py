@@ -200,15 +200,23 @@ def create_idle(prefix: str, n: int) -> list[int]:
     return [c.pk for c in customers]
 
 
-def spec_for(customers: int, per_minute: int, minutes: int, celery_workers: int) -> FleetSpec:
+def spec_for(
+    customers: int,
+    per_minute: int,
+    minutes: int,
+    celery_workers: int,
+    *,
+    batch_size: int = 500,
+    concurrency: int = 16,
+) -> FleetSpec:
     # The send limits a new customer gets (SendLimit's defaults: batches of up to 500, 16 calls
     # in flight), one worker at 120/min and up to four at 6,000/min.
     return FleetSpec(
         customers=customers,
         per_minute=per_minute,
         recipients=per_minute * (minutes + 3),
-        batch_size=500,
-        concurrency=16,
+        batch_size=batch_size,
+        concurrency=concurrency,
         max_workers=4 if per_minute > 600 else 1,
         celery_workers=celery_workers,
         celery_app="bench.fleet_probe",
@@ -548,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=IDLE_CUSTOMERS, help="idle customers")
     parser.add_argument("--celery-workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--noisy", action="store_true", help="also the noisy-neighbour run")
+    parser.add_argument("--batch-size", type=int, default=500, help="the fleet's batch size")
+    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight a worker")
     parser.add_argument("--no-fleet", action="store_true", help="skip the N runs (with --noisy)")
     parser.add_argument("--plot", default=None, help=f"write the curve here (e.g. {PLOT})")
     parser.add_argument(
@@ -578,11 +588,17 @@ def main(argv: list[str] | None = None) -> int:
             labels = [] if args.no_fleet else (args.only or list(RUNS))
             for label in labels:
                 n, per_minute = RUNS[label]
-                spec = spec_for(n, per_minute, args.minutes, args.celery_workers)
+                spec = spec_for(
+                    n, per_minute, args.minutes, args.celery_workers,
+                    batch_size=args.batch_size, concurrency=args.concurrency,
+                )  # fmt: skip
                 out["fleet"][label] = run(label, spec, minutes=args.minutes, redis_url=redis_url)
                 print(f"[{label}] {json.dumps(out['fleet'][label])}", flush=True)
             if args.noisy:
-                spec = spec_for(20, 120, args.minutes, args.celery_workers)
+                spec = spec_for(
+                    20, 120, args.minutes, args.celery_workers,
+                    batch_size=args.batch_size, concurrency=args.concurrency,
+                )  # fmt: skip
                 out["noisy"] = run(
                     "noisy", spec, minutes=args.minutes, redis_url=redis_url, noisy=True
                 )
