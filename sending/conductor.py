@@ -1,19 +1,19 @@
 """The conductor: per customer, keep the right number of workers running and tidy up after them.
 
-A conductor is a chain of short ticks (one Celery task per tick, see tasks.py), so one customer's
-conductor never waits for another's longer than a tick, and a Celery worker can stop within a
-tick. Only one chain runs per customer: each tick first takes or renews the customer's
-ConductorLease with one conditional UPDATE. A chain that dies stops renewing; once its lease
-expires (CONDUCTOR_LEASE_S) the watchdog starts a new chain, which takes the lease over.
-
-Each tick, in small steps that tests call one at a time:
-1. reclaim the customer's overdue leases (recipients past the started mark back to the queue,
-   the rest unknown) and mark workers that stopped checking in as lost;
-2. complete messages with nothing queued or leased;
+Customers are ticked together, a shard's round at a time (sending/shards.py runs the rounds as
+Celery chains and holds each customer's ConductorLease: one conductor per customer at a time).
+A tick reads every customer's State in one statement — an overdue batch, a silent worker, a
+finished message, leftovers of a cancel, sending, batches out, room for a worker — and then runs,
+for the customers whose state asks for it:
+1. reclaim overdue leases (recipients past the started mark back to the queue, the rest
+   unknown) and mark workers that stopped checking in as lost;
+2. complete messages with nothing queued or leased; cancel what workers handed back for
+   cancelled messages;
 3. start workers while work fits this minute and fewer than needed run (pacing.workers_needed,
    never more than max_workers), invoking them after commit;
-4. record the customer's live sample and publish it, after commit, if someone watches
-   (sending.live).
+and, for every customer, 4. record its live sample and publish it, after commit, if someone
+watches (sending.live). `tick(customer_id)` is the tick of one; tests call the steps one at a
+time.
 """
 
 import logging
@@ -130,20 +130,18 @@ def tick_many(
     for customer_id, message_id in complete_finished_messages(customer_ids=finished, clock=clock):
         reports[customer_id].completed.append(message_id)
     cancel_leftovers(customer_ids=[c for c, state in states.items() if state.leftovers])
-    # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
-    sending = {c for c, state in states.items() if state.sending or state.out}
     changed = [c for c, state in states.items() if state.due or state.finished]
     if changed:  # a reclaim or a completion: read those customers' state again
-        sending -= set(changed)
-        sending |= {c for c, state in read_states(customer_ids=changed, clock=clock).items()
-                    if state.sending or state.out}  # fmt: skip
-    for customer_id in [c for c, state in states.items() if state.may_start and c in sending]:
+        states.update(read_states(customer_ids=changed, clock=clock))
+    for customer_id in [c for c, state in states.items() if state.may_start and state.sending]:
         with _isolated(customer_id):
             reports[customer_id].started = start_workers(
                 customer_id=customer_id, clock=clock, runtime=runtime
             )
     for customer_id, report in reports.items():
-        report.sending = customer_id in sending
+        # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
+        state = states.get(customer_id)
+        report.sending = state is not None and (state.sending or state.out)
         with _isolated(customer_id):
             report.sample = record_live_sample(
                 customer_id=customer_id,
