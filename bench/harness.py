@@ -50,6 +50,10 @@ class FleetSpec:
     celery_workers: int = 2
     local_worker_timeout_s: int = 300
     slug_prefix: str = "bench-fleet-"
+    # What the processes load: bench.fleet loads its counters into them (bench.fleet_probe).
+    celery_app: str = "emailops"
+    asgi_app: str = "emailops.asgi:application"
+    extra_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -135,16 +139,17 @@ class Fleet:
             "LOCAL_WORKER_MODE": "thread",
             "LOCAL_WORKER_TIMEOUT_S": str(spec.local_worker_timeout_s),
             "CONDUCTOR_TICK_MS": str(spec.tick_ms),
+            **dict(spec.extra_env),
         }
         web = self._proc(
             "uvicorn",
-            [sys.executable, "-m", "uvicorn", "emailops.asgi:application", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", spec.asgi_app, "--host", "127.0.0.1",
              "--port", str(self.api_port), "--no-access-log", "--log-level", "warning"],
             env=env,
         )  # fmt: skip
         workers = []
         for i in range(spec.celery_workers):
-            command = [sys.executable, "-m", "celery", "-A", "emailops", "worker"]
+            command = [sys.executable, "-m", "celery", "-A", spec.celery_app, "worker"]
             command += ["--pool", "threads", "--concurrency", str(spec.celery_concurrency)]
             command += ["-Q", "celery", "-n", f"fleet-{self.run_id}-{i}@%h"]
             command += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
@@ -152,7 +157,7 @@ class Fleet:
         beat_dir = tempfile.mkdtemp(prefix="bench-fleet-beat-")
         self._proc(
             "celery-beat",
-            [sys.executable, "-m", "celery", "-A", "emailops", "beat", "--loglevel", "WARNING",
+            [sys.executable, "-m", "celery", "-A", spec.celery_app, "beat", "--loglevel", "WARNING",
              "--scheduler", "celery.beat:PersistentScheduler",
              "-s", os.path.join(beat_dir, "schedule")],
             env=env,

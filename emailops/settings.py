@@ -221,6 +221,10 @@ AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 # lease for CONDUCTOR_LEASE_S is replaced by the watchdog (run by beat every WATCHDOG_S).
 CONDUCTOR_TICK_MS = env.int("CONDUCTOR_TICK_MS", default=500)
 CONDUCTOR_LEASE_S = env.float("CONDUCTOR_LEASE_S", default=5)
+# Customers are conducted in this many shards, one Celery chain each (sending/shards.py): the
+# unit the Celery worker processes share. More shards: more chains to spread, fewer customers a
+# round.
+CONDUCTOR_SHARDS = env.int("CONDUCTOR_SHARDS", default=8)
 WATCHDOG_S = env.float("WATCHDOG_S", default=2)
 # A tick starts at most this many workers (the rest follow on later ticks).
 CONDUCTOR_MAX_STARTS_PER_TICK = env.int("CONDUCTOR_MAX_STARTS_PER_TICK", default=3)

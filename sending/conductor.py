@@ -1,28 +1,32 @@
 """The conductor: per customer, keep the right number of workers running and tidy up after them.
 
-A conductor is a chain of short ticks (one Celery task per tick, see tasks.py), so one customer's
-conductor never waits for another's longer than a tick, and a Celery worker can stop within a
-tick. Only one chain runs per customer: each tick first takes or renews the customer's
-ConductorLease with one conditional UPDATE. A chain that dies stops renewing; once its lease
-expires (CONDUCTOR_LEASE_S) the watchdog starts a new chain, which takes the lease over.
-
-Each tick, in small steps that tests call one at a time:
-1. reclaim the customer's overdue leases (recipients past the started mark back to the queue,
-   the rest unknown) and mark workers that stopped checking in as lost;
-2. complete messages with nothing queued or leased;
+Customers are ticked together, a shard's round at a time (sending/shards.py runs the rounds as
+Celery chains and holds each customer's ConductorLease: one conductor per customer at a time).
+A tick reads every customer's State in one statement — an overdue batch, a silent worker, a
+finished message, leftovers of a cancel, sending, batches out, room for a worker — and then runs,
+for the customers whose state asks for it:
+1. reclaim overdue leases (recipients past the started mark back to the queue, the rest
+   unknown) and mark workers that stopped checking in as lost;
+2. complete messages with nothing queued or leased; cancel what workers handed back for
+   cancelled messages;
 3. start workers while work fits this minute and fewer than needed run (pacing.workers_needed,
    never more than max_workers), invoking them after commit;
-4. record the customer's live sample and publish it, after commit, if someone watches
-   (sending.live).
+and, for every customer, 4. record its live sample and publish it, after commit, if someone
+watches (sending.live). `tick(customer_id)` is the tick of one; tests call the steps one at a
+time.
 """
 
 import logging
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Avg, Count, Exists, OuterRef, Q
+
+from customers.models import Customer, SendLimit
 
 from . import checkin, leases, ledger, pacing, queue
 from .clock import Clock, ms_to_datetime
@@ -31,6 +35,10 @@ from .models import ConductorLease, Lease, Message, Recipient, Worker
 from .runtimes import get_runtime, worker_api_url
 
 log = logging.getLogger(__name__)
+
+
+# A live worker that has been silent for a window, the send timeout and this is lost.
+SILENT_MARGIN = timedelta(seconds=10)
 
 
 def lease_seconds() -> float:
@@ -92,67 +100,187 @@ class TickReport:
 
 
 def tick(*, customer_id: int, clock: Clock | None = None, runtime=None) -> TickReport:
+    """One customer's tick (its lease held by the caller): tick_many for one."""
+    return tick_many(customer_ids=[customer_id], clock=clock, runtime=runtime)[customer_id]
+
+
+def tick_many(
+    *, customer_ids: list[int], clock: Clock | None = None, runtime=None
+) -> dict[int, TickReport]:
+    """Tick these customers (their leases held by the caller) with set-based reads: a handful
+    of statements for all of them, then per customer only its live sample (two statements) and
+    whatever its rows say can change — reclaiming an overdue batch, starting a worker.
+
+    One customer's failure is logged and leaves the others' ticks alone.
+    """
     clock = clock or Clock.read()
-    report = TickReport(customer_id=customer_id)
-    report.reclaimed = leases.reclaim_overdue(clock=clock, customer_id=customer_id)
-    report.lost = mark_lost_workers(customer_id=customer_id, clock=clock)
-    report.completed = complete_finished_messages(customer_id=customer_id, clock=clock)
-    cancel_leftovers(customer_id=customer_id)
-    sending = Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
-    # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
-    out = Lease.objects.filter(customer_id=customer_id, state=Lease.State.OPEN)
-    report.sending = sending.exists() or out.exists()
-    if sending.exists():
-        report.started = start_workers(customer_id=customer_id, clock=clock, runtime=runtime)
-    report.sample = record_live_sample(
-        customer_id=customer_id, now_ms=clock.now_ms, sending=report.sending, lost=report.lost
+    reports = {c: TickReport(customer_id=c) for c in customer_ids}
+    if not customer_ids:
+        return reports
+    states = read_states(customer_ids=customer_ids, clock=clock)
+    for customer_id in [c for c, state in states.items() if state.due]:
+        with _isolated(customer_id):
+            reports[customer_id].reclaimed = leases.reclaim_overdue(
+                clock=clock, customer_id=customer_id
+            )
+    silent = [c for c, state in states.items() if state.silent]
+    for customer_id, n in mark_lost_workers(customer_ids=silent, clock=clock).items():
+        reports[customer_id].lost = n
+    finished = [c for c, state in states.items() if state.finished]
+    for customer_id, message_id in complete_finished_messages(customer_ids=finished, clock=clock):
+        reports[customer_id].completed.append(message_id)
+    cancel_leftovers(customer_ids=[c for c, state in states.items() if state.leftovers])
+    changed = [c for c, state in states.items() if state.due or state.finished]
+    if changed:  # a reclaim or a completion: read those customers' state again
+        states.update(read_states(customer_ids=changed, clock=clock))
+    for customer_id in [c for c, state in states.items() if state.may_start and state.sending]:
+        with _isolated(customer_id):
+            reports[customer_id].started = start_workers(
+                customer_id=customer_id, clock=clock, runtime=runtime
+            )
+    for customer_id, report in reports.items():
+        # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
+        state = states.get(customer_id)
+        report.sending = state is not None and (state.sending or state.out)
+        with _isolated(customer_id):
+            report.sample = record_live_sample(
+                customer_id=customer_id,
+                now_ms=clock.now_ms,
+                sending=report.sending,
+                lost=report.lost,
+            )
+    return reports
+
+
+@contextmanager
+def _isolated(customer_id: int):
+    try:
+        yield
+    except DatabaseError:
+        raise  # the connection's state is the caller's to handle
+    except Exception:
+        log.exception("customer %s: tick step failed", customer_id)
+
+
+@dataclass(frozen=True)
+class State:
+    """What a customer's rows say can change at this tick."""
+
+    due: bool  # an open batch past its overdue or expiry mark: reclaim it
+    silent: bool  # a live worker that never checked in, or went quiet: lost
+    finished: bool  # a sending message with nothing queued or leased: complete it
+    leftovers: bool  # a cancelled message with queued recipients handed back: cancel them
+    sending: bool  # a message sending
+    out: bool  # a batch out
+    may_start: bool  # not paused, fewer live workers than max_workers: start_workers decides
+
+
+_STATE_SQL = """
+SELECT c.id,
+  EXISTS (SELECT 1 FROM {lease} l WHERE l.customer_id = c.id AND l.state = 'open'
+          AND (l.overdue_at <= %s OR l.expires_at <= %s)),
+  EXISTS (SELECT 1 FROM {worker} w WHERE w.customer_id = c.id
+          AND ((w.state = 'starting' AND w.started_at < %s)
+               OR (w.state = 'running' AND w.last_checkin_at < %s))),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'sending'
+          AND NOT EXISTS (SELECT 1 FROM {recipient} r WHERE r.message_id = m.id
+                          AND r.status IN ('queued', 'leased'))),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'cancelled'
+          AND EXISTS (SELECT 1 FROM {recipient} r WHERE r.message_id = m.id
+                      AND r.status = 'queued')),
+  EXISTS (SELECT 1 FROM {message} m WHERE m.customer_id = c.id AND m.status = 'sending'),
+  EXISTS (SELECT 1 FROM {lease} l WHERE l.customer_id = c.id AND l.state = 'open'),
+  EXISTS (SELECT 1 FROM {limit} s WHERE s.customer_id = c.id AND NOT s.paused
+          AND s.max_workers > (SELECT COUNT(*) FROM {worker} w WHERE w.customer_id = c.id
+                               AND w.state IN ('starting', 'running')))
+FROM {customer} c WHERE c.id IN ({ids})
+"""
+
+
+def read_states(*, customer_ids: list[int], clock: Clock) -> dict[int, State]:
+    """Every customer's State in one statement (hand-written: it runs every round)."""
+    if not customer_ids:
+        return {}
+    now = clock.now
+    window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
+    adapt = connection.ops.adapt_datetimefield_value
+    sql = _STATE_SQL.format(
+        lease=Lease._meta.db_table,
+        worker=Worker._meta.db_table,
+        message=Message._meta.db_table,
+        recipient=Recipient._meta.db_table,
+        limit=SendLimit._meta.db_table,
+        customer=Customer._meta.db_table,
+        ids=", ".join(["%s"] * len(customer_ids)),
     )
-    return report
+    params = [
+        adapt(now),
+        adapt(now),
+        adapt(now - timedelta(seconds=settings.WORKER_START_TIMEOUT_S)),
+        adapt(now - window - SILENT_MARGIN),
+        *customer_ids,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0]: State(*(bool(v) for v in row[1:])) for row in cursor.fetchall()}
 
 
-def mark_lost_workers(*, customer_id: int, clock: Clock) -> int:
-    """Workers that never checked in after starting, or went quiet, are lost.
+def mark_lost_workers(*, customer_ids: list[int], clock: Clock) -> dict[int, int]:
+    """Workers that never checked in after starting, or went quiet, are lost (per customer).
 
     A live worker checks in at least once a window (a grant never outlives its minute, a wait
     never outlasts one), so silence for a window plus the send timeout plus a margin means it is
     gone. Its open lease, if any, is reclaimed when the lease expires.
     """
+    if not customer_ids:
+        return {}
     now = clock.now
     window = timedelta(milliseconds=settings.SEND_WINDOW_MS + settings.SEND_TIMEOUT_MS)
-    quiet_after = window + timedelta(seconds=10)
+    quiet_after = window + SILENT_MARGIN
     start_timeout = timedelta(seconds=settings.WORKER_START_TIMEOUT_S)
-    return (
-        Worker.objects.filter(customer_id=customer_id)
+    silent = list(
+        Worker.objects.filter(customer_id__in=customer_ids)
         .filter(
             Q(state=Worker.State.STARTING, started_at__lt=now - start_timeout)
             | Q(state=Worker.State.RUNNING, last_checkin_at__lt=now - quiet_after)
         )
-        .update(state=Worker.State.LOST, stopped_at=now, stop_reason="stopped checking in")
+        .values_list("pk", "customer_id")
     )
+    if not silent:
+        return {}
+    Worker.objects.filter(pk__in=[pk for pk, _ in silent], state__in=Worker.LIVE_STATES).update(
+        state=Worker.State.LOST, stopped_at=now, stop_reason="stopped checking in"
+    )
+    return dict(Counter(customer_id for _, customer_id in silent))
 
 
-def complete_finished_messages(*, customer_id: int, clock: Clock) -> list[int]:
+def complete_finished_messages(*, customer_ids: list[int], clock: Clock) -> list[tuple[int, int]]:
+    """Messages sending with nothing queued or leased are completed: (customer, message)."""
+    if not customer_ids:
+        return []
     pending = Recipient.objects.filter(
         message_id=OuterRef("pk"), status__in=[Recipient.Status.QUEUED, Recipient.Status.LEASED]
     )
     finished = list(
-        Message.objects.filter(customer_id=customer_id, status=Message.Status.SENDING)
+        Message.objects.filter(customer_id__in=customer_ids, status=Message.Status.SENDING)
         .exclude(Exists(pending))
-        .values_list("pk", flat=True)
+        .values_list("customer_id", "pk")
     )
     if finished:
-        Message.objects.filter(pk__in=finished, status=Message.Status.SENDING).update(
-            status=Message.Status.COMPLETED, completed_at=clock.now
-        )
-        log.info("customer %s: messages %s completed", customer_id, finished)
+        Message.objects.filter(
+            pk__in=[m for _, m in finished], status=Message.Status.SENDING
+        ).update(status=Message.Status.COMPLETED, completed_at=clock.now)
+        log.info("messages %s completed", finished)
     return finished
 
 
-def cancel_leftovers(*, customer_id: int) -> int:
+def cancel_leftovers(*, customer_ids: list[int]) -> int:
     """Recipients of a cancelled message that a worker handed back unsent are cancelled too."""
+    if not customer_ids:
+        return 0
     queued = Recipient.objects.filter(message_id=OuterRef("pk"), status=Recipient.Status.QUEUED)
     cancelled = Message.objects.filter(
-        Exists(queued), customer_id=customer_id, status=Message.Status.CANCELLED
+        Exists(queued), customer_id__in=customer_ids, status=Message.Status.CANCELLED
     ).values_list("pk", flat=True)
     return queue.cancel_queued(message_ids=list(cancelled))
 

@@ -1,42 +1,59 @@
 """Celery tasks: thin adapters that load by id, call a service, and decide what runs next."""
 
 import logging
+import time
 import uuid
 
 from celery import shared_task
 
-from . import alerts, conductor, services
+from . import alerts, conductor, services, shards
 
 log = logging.getLogger(__name__)
 
 
 @shared_task(acks_late=True, ignore_result=True)
 def conduct(customer_id: int, holder: str | None = None) -> str:
-    """One conductor tick for a customer; re-enqueues itself while the customer has work.
+    """A kick for one customer (a send started or resumed): its shard's chain runs a round now,
+    or, if the shard already has a chain, that chain picks the customer up within a tick.
 
-    Idempotent (a tick only reconciles state), so acks_late is safe: a tick redelivered after a
-    crash runs again, or finds the lease held by the chain that replaced it and stops.
+    `holder` is accepted and ignored: ticks enqueued by the per-customer chains before the
+    shards (a deploy in the middle of a send) end here harmlessly.
     """
+    return conduct_shard(shards.shard_of(customer_id))
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def conduct_shard(shard: int, holder: str | None = None) -> str:
+    """One round of a shard's conductor chain; re-enqueues itself while a customer of the shard
+    is sending, one CONDUCTOR_TICK_MS after this round began.
+
+    Idempotent (a round only reconciles state), so acks_late is safe: a round redelivered after
+    a crash runs again, or finds the shard taken by the chain that replaced it and stops.
+    """
+    began = time.monotonic()
     holder = holder or uuid.uuid4().hex
-    if not conductor.acquire_lease(customer_id=customer_id, holder=holder):
-        return "held by another conductor"
-    report = conductor.tick(customer_id=customer_id)
-    if not report.sending:
-        conductor.release_lease(customer_id=customer_id, holder=holder)
+    if not shards.take_shard(shard, holder):
+        return "held by another chain"
+    done = shards.conduct_round(shard=shard, holder=holder)
+    if not done.sending:
+        shards.release_shard(shard, holder)
         return "idle"
-    conduct.apply_async((customer_id, holder), countdown=conductor.tick_seconds())
+    countdown = max(0.0, conductor.tick_seconds() - (time.monotonic() - began))
+    conduct_shard.apply_async((shard, holder), countdown=countdown)
     return "ticked"
 
 
 @shared_task(ignore_result=True)
 def watchdog() -> dict:
-    """Run by beat every few seconds: start scheduled messages that are due, and a conductor for
-    every customer sending with none alive (a crashed chain is replaced once its lease expires)."""
+    """Run by beat every few seconds: start scheduled messages that are due, and a chain for
+    every shard with a customer sending and no live conductor (a crashed chain is replaced once
+    its leases expire)."""
     started = services.start_due_messages()
     orphans = conductor.customers_needing_a_conductor()
     alerts.conductors_silent(orphans)
-    for customer_id in orphans:
-        conduct.delay(customer_id)
+    kicked = sorted({shards.shard_of(c) for c in orphans})
+    for shard in kicked:
+        conduct_shard.delay(shard)
     if started or orphans:
         log.info("watchdog: started messages %s, conductors for %s", started, orphans)
-    return {"started": started, "conductors": orphans}
+    return {"started": started, "conductors": orphans, "shards": kicked}

@@ -357,10 +357,15 @@ def celery_workers(api_url, fault_minutes, postgres, redis_url, settings, tmp_pa
 
 
 def _drop_broker_pools(app) -> None:
+    from kombu import pools
+
     if app._pool is not None:
         app._pool.force_close_all()
     app._pool = None
     app.amqp._producer_pool = None
+    # kombu keeps producer pools by broker URL across tests: a second test on the same dedicated
+    # URL would get the first one's, over a closed connection pool.
+    pools.reset()
 
 
 def test_a_killed_conductor_process_is_replaced_within_seconds_and_the_send_goes_on(
