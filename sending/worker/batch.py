@@ -305,6 +305,11 @@ class BatchSender:
         except SendError as exc:
             done = self.clock()
             run.finished(done)
+            if exc.maybe_sent:
+                # In doubt (a read timeout, a connection lost after the message went out): the
+                # provider may have it. Unknown, never failed: a failure would be sent again.
+                return {"id": rid, "status": "unknown", "error": exc.message,
+                        "done_ms": run.window.ms(done)}  # fmt: skip
             return {"id": rid, "status": "failed", "permanent": exc.permanent,
                     "error": exc.message, "done_ms": run.window.ms(done)}  # fmt: skip
         except Exception:

@@ -222,11 +222,12 @@ def test_failures_are_reported_as_the_provider_answered_and_unknowns_are_left_ou
             2: SendError("550 no such user", permanent=True),
             3: SendError("connection reset", permanent=False),
             4: RuntimeError("a bug, or a timeout after the request went out"),
+            6: SendError("read timed out", permanent=False, maybe_sent=True),
         }.get(rid)
 
     provider = RecordingProvider(fail=fail)
     worker, _ = fake_worker(provider)
-    _, report = send_now(worker, fake_batch(5))
+    _, report = send_now(worker, fake_batch(6))
     results = {r["id"]: r for r in report["results"]}
     assert results[1]["status"] == results[5]["status"] == "sent"
     assert (results[2]["status"], results[2]["permanent"]) == ("failed", True)
@@ -234,7 +235,10 @@ def test_failures_are_reported_as_the_provider_answered_and_unknowns_are_left_ou
     assert results[3]["error"] == "connection reset" and "done_ms" in results[3]
     # The send may have reached the provider: left out, the server marks it unknown.
     assert 4 not in results
-    assert worker.summary.unknown == 1
+    # In doubt by the provider's own word: unknown, never failed (a failure would be re-sent).
+    assert (results[6]["status"], results[6]["error"]) == ("unknown", "read timed out")
+    assert "permanent" not in results[6]
+    assert worker.summary.unknown == 2
 
 
 def test_no_send_starts_when_the_invocation_is_about_to_time_out():
