@@ -1,26 +1,39 @@
-"""Late answers end to end: the real worker loop against the worker API served by uvicorn, sending
-to a real sandbox provider that accepts and records each message before holding its answer
+"""Late and lost answers end to end: the real worker loop against the worker API served by uvicorn,
+sending to a real sandbox provider that accepts and records each message before holding its answer
 (`LateAnswer`). Each test asserts at the provider (the sandbox's books) and in the database: no
 recipient got two emails, every one the provider received is `sent` (with the provider's id) or
 `unknown` in the database, none the provider never received is `sent`, and the minute ledger's
-`sent` counts what the database says.
+`sent` counts what the database says. The same against a real SMTP server (aiosmtpd) that drops the
+connection after DATA.
 
 2-second minutes and a 1 s send timeout (`fast_minutes`); every wait is bounded.
 """
 
+import email
 import threading
 from collections import Counter
 
 import pytest
+from aiosmtpd.controller import Controller
 from django.db import connection
 from django.db.models import Sum
 
+from customers.models import SendLimit
 from sending import leases, pacing
 from sending.models import CustomerMinute, Lease, Recipient
+from sending.providers import IDEMPOTENCY_HEADER
 from sending.sandbox import LateAnswer, SandboxServer
 from sending.worker import LocalContext, handler
 from sending.worker import batch as worker_batch
-from tests.factories import API_KEY, make_message, sandbox_customer, start_worker
+from tests.factories import (
+    API_KEY,
+    CustomerFactory,
+    ProviderAccountFactory,
+    make_message,
+    sandbox_customer,
+    start_worker,
+)
+from tests.sending.test_providers import free_port
 
 TERMINAL = {"sent", "failed", "unknown", "cancelled", "suppressed"}
 
@@ -138,3 +151,60 @@ def test_a_report_that_comes_after_its_lease_was_reclaimed_still_counts(
     assert counts == {"sent": 60}
     assert len(sandbox.sends) == 60
     assert Lease.objects.filter(state=Lease.State.EXPIRED).exists()
+
+
+class DroppingAfterData:
+    """An SMTP server that takes every message and, for every `every`-th one, drops the
+    connection after DATA instead of answering: the message is in, the client never hears so."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.received: list[str] = []  # idempotency keys, in arrival order
+        self.dropped: list[str] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.original_content or envelope.content)
+        key = message[IDEMPOTENCY_HEADER]
+        with self.lock:
+            self.received.append(key)
+            drop = len(self.received) % self.every == 0
+            if drop:
+                self.dropped.append(key)
+        if drop:
+            server.transport.close()
+            return "421 never heard"
+        return "250 OK"
+
+
+def test_an_smtp_connection_lost_after_data_is_unknown_and_never_sent_again(api_url):
+    smtp = DroppingAfterData(every=7)
+    controller = Controller(smtp, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        account = ProviderAccountFactory(
+            kind="smtp",
+            settings={"host": "127.0.0.1", "port": controller.port},
+            per_minute_cap=1_000,
+        )
+        customer = CustomerFactory(provider_account=account)
+        SendLimit.objects.filter(customer=customer).update(
+            per_minute=1_000, batch_size=20, concurrency=3
+        )
+        message = make_message(customer, 40)
+        summaries = run_workers_until_done(customer, api_url)
+    finally:
+        controller.stop()
+
+    assert summaries[0]["stop"] == "done", summaries
+    assert smtp.dropped, "no connection was dropped: the test did not test anything"
+    keys = Counter(smtp.received)
+    assert [k for k, n in keys.items() if n > 1] == [], "a recipient got two emails"
+    rows = {str(r.pk): r for r in Recipient.objects.filter(message=message)}
+    assert sorted(keys) == sorted(rows)  # everyone arrived, once
+    for key in smtp.dropped:
+        assert rows[key].status == "unknown", (key, rows[key].status, rows[key].last_error)
+        assert "connection" in rows[key].last_error.lower()
+    assert {r.status for k, r in rows.items() if k not in smtp.dropped} == {"sent"}
+    ledger = CustomerMinute.objects.filter(customer=customer).aggregate(n=Sum("sent"))
+    assert ledger["n"] == len(rows) - len(smtp.dropped)
