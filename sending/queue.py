@@ -392,6 +392,12 @@ def release(ids: Sequence[int], *, status: str) -> int:
     )
 
 
+def requeue_unknown(*, message_id: int) -> int:
+    """Queue a message's `unknown` recipients again (one statement): the operator's explicit
+    retry, knowing each may get the email twice. Returns how many."""
+    return Recipient.objects.filter(message_id=message_id, status=UNKNOWN).update(status=QUEUED)
+
+
 def cancel_queued(*, message_ids: Sequence[int]) -> int:
     """Cancel the queued recipients of these messages (one statement); returns how many."""
     return Recipient.objects.filter(

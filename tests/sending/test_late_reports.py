@@ -245,3 +245,18 @@ def test_a_late_report_is_recorded_with_as_many_queries_for_500_as_for_10(custom
         call(worker, first["token"], 2, report, at=T0 + 9_000)
     assert Recipient.objects.filter(status="sent").count() == size
     assert len(queries) == LATE_CHECKIN_QUERIES, [q["sql"][:120] for q in queries]
+
+
+def test_retry_unknown_is_refused_for_a_cancelled_message_and_without_permission(customer):
+    from django.core.exceptions import PermissionDenied, ValidationError
+
+    from sending import services
+    from tests.factories import UserFactory
+
+    message, *_ = reclaimed_batch(customer, 3)
+    with pytest.raises(PermissionDenied):
+        services.message_retry_unknown(message_id=message.pk, user=UserFactory())
+    Message.objects.filter(pk=message.pk).update(status="cancelled")
+    with pytest.raises(ValidationError, match="cancelled: cannot retry"):
+        services.message_retry_unknown(message_id=message.pk)
+    assert set(statuses(message).values()) == {"unknown"}
