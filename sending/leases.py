@@ -229,7 +229,8 @@ def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
     gone out, and never touches one that is leased again. What changes counts in the lease's own
     minute, the minute it was charged to: sent and failed to its counts, a recipient queued again
     refunded to it (it was charged and never sent). What was charged to the next minute as
-    possibly crossing stays charged (the safe side).
+    possibly crossing is given back to it where the report shows it did not cross
+    (`_uncrossed`); the rest stays charged (the safe side).
     """
     check_members(lease, report)
     in_doubt = set(lease.recipient_ids[: lease.started_through])
@@ -248,7 +249,7 @@ def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
     requeued = counts[wire.Outcome.NOT_STARTED] + counts[wire.Outcome.THROTTLED]
     settlement = pacing.Settlement(
         refund=requeued,
-        crossed=0,
+        crossed=-_uncrossed(lease, [results[i] for i in changed]),
         sent=counts[wire.Outcome.SENT],
         failed=counts[wire.Outcome.FAILED],
         throttled=counts[wire.Outcome.THROTTLED],
@@ -256,6 +257,23 @@ def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
     # Recipients that may be queued again (not started, throttled, a temporary failure).
     retry = [i for i in changed if results[i].outcome is not wire.Outcome.SENT]
     return LateRecord(lease=lease, settlement=settlement, maybe_queued=retry)
+
+
+def _uncrossed(lease: Lease, results: list[wire.Result]) -> int:
+    """How many of these recipients, charged to the next minute too when their lease was
+    settled in doubt, are now known not to have arrived in it: never started, or answered before
+    the minute's last safe moment (the same rule as `pacing.settle`, on the worker's `done_ms`).
+    A lease settled by its report charged every recipient it left out to the next minute; a
+    reclaimed one, its in-doubt recipients if it may cross."""
+    if lease.state == Lease.State.EXPIRED and not lease.may_cross:
+        return 0
+    last_safe = lease.minute_ends_in_ms - lease.guard_ms
+    return sum(
+        1
+        for r in results
+        if r.outcome in (wire.Outcome.NOT_STARTED, wire.Outcome.THROTTLED)
+        or (r.outcome in wire.STARTED and r.done_ms is not None and r.done_ms <= last_safe)
+    )
 
 
 def record_progress(*, claims, request: wire.ProgressRequest) -> None:

@@ -11,10 +11,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from sending import checkin, leases, tokens, wire
-from sending.clock import Clock, datetime_to_ms
+from sending.clock import Clock, datetime_to_ms, ms_to_datetime
 from sending.models import CustomerMinute, Lease, Message, Recipient
 from sending.wire import parse_checkin, parse_progress
-from tests.factories import T0, call, make_customer, make_message, statuses
+from tests.factories import T0, WINDOW_MS, call, make_customer, make_message, statuses
 
 # A check-in that carries a late report and is told to stop: the same at any report size.
 LATE_CHECKIN_QUERIES = 9
@@ -131,6 +131,9 @@ def test_a_partial_report_then_the_rest_as_late(customer):
     assert second["decision"] == "send"
     lease = Lease.objects.get(pk=lease_id)
     assert minute_of(lease).sent == 49
+    # Left out, it may have crossed: charged to the next minute too, for now.
+    following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
 
     rest = {"lease_id": lease_id, "elapsed_ms": 4_000, "results": [sent(ids[49], 4_100)]}
     ids2 = [r["id"] for r in second["batch"]["recipients"]]
@@ -143,6 +146,31 @@ def test_a_partial_report_then_the_rest_as_late(customer):
     row = Recipient.objects.get(pk=ids[49])
     assert (row.status, row.provider_message_id) == ("sent", f"p{ids[49]}")
     assert minute_of(lease).sent == 100
+    # Answered well before the minute's end: it did not cross, and the next minute gets it back.
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
+
+
+def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(customer):
+    make_message(customer, 5)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    lease_id = first["batch"]["lease_id"]
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    progress(first, worker, 5)
+    partial = {"lease_id": lease_id, "elapsed_ms": 5, "results": [sent(i) for i in ids[:3]]}
+    second = call(worker, first["token"], 2, partial, at=T0 + 600)
+    lease = Lease.objects.get(pk=lease_id)
+    last_safe = lease.minute_ends_in_ms - lease.guard_ms
+    late = {
+        "lease_id": lease_id,
+        "elapsed_ms": 1,
+        "results": [sent(ids[3], last_safe + 1), {"id": ids[4], "status": "not_started"}],
+    }
+    call(worker, second["token"], 3, late=[late], at=T0 + 700)
+    following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
+    # The one answered inside the guard band may have arrived next minute; the other never went.
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
+    assert minute_of(lease).refunded == 1
 
 
 def test_a_recipient_leased_again_since_is_not_touched(customer):
