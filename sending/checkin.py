@@ -2,14 +2,17 @@
 
 Per check-in, in this order:
 1. the worker's row (FOR UPDATE): a repeated sequence number replays the stored answer;
-2. record the reported lease with one statement (`leases.settle_reported`);
+2. record the reported lease with one statement (`leases.settle_reported`), and any late reports
+   (for leases settled or reclaimed before all their answers came) over the `unknown` their
+   recipients were left in (`leases.record_late`, one statement each);
 3. claim ahead: decide on an unlocked read and claim that many recipients (`queue.Ahead`,
    FOR UPDATE SKIP LOCKED, oldest-started message first);
 4. the customer's SendLimit row (FOR UPDATE, `ledger.lock_limits`): serializes the customer's
    budget accounting, so concurrent check-ins can never grant the same minute's budget twice.
    Under it: settle the reported lease's minute, `pacing.decide` on fresh rows, charge the grant,
    and give back what it does not grant of the claim (or claim the rest, if it grants more).
-After the commit, the messages' claim cursors are moved (`queue.move_cursors`).
+After the commit, the messages' claim cursors are moved (`queue.move_cursors`), and completed
+messages that a late report gave queued recipients again are reopened (`queue.reopen_messages`).
 Every check-in locks in this order: its worker, the rows it claims, its customer. Reclaim locks
 the worker and then the customer too, and then only leased rows, which no claim holds.
 Everything the worker needs to send comes back in the answer; the worker never reads the database.
@@ -51,15 +54,26 @@ def checkin(
             )
 
         lease = leases.open_lease_of(worker)
-        leases.check_report(lease, request.report)
+        report, late = request.report, list(request.late)
+        if report is not None and lease is None:
+            # Its lease was reclaimed before the report came: still the truth, recorded late.
+            report, late = None, [report, *late]
+        if len({r.lease_id for r in late}) < len(late):
+            raise wire.Conflict("late: one report per lease")
+        late_leases = [leases.closed_lease_of(worker, r.lease_id) for r in late]
+        leases.check_report(lease, report)
         settlement = None
         if lease is not None:
             # Recording needs only the worker's lock (the rows are leased to it), so the heavy
             # statement runs before the customer's lock is taken.
             settlement = leases.settle_reported(
-                lease=lease, report=request.report, clock=fixed_clock or Clock.read()
+                lease=lease, report=report, clock=fixed_clock or Clock.read()
             )
-            _note_report(worker, lease, request.report)
+            _note_report(worker, lease, report)
+        late_records = [
+            leases.record_late(lease=closed, report=r)
+            for closed, r in zip(late_leases, late, strict=True)
+        ]
         ahead = None
         if worker.is_live and not request.final:
             ahead = _claim_ahead(worker=worker, clock=fixed_clock or Clock.read())
@@ -70,6 +84,8 @@ def checkin(
         clock = fixed_clock or Clock.read()
         if settlement is not None:
             ledger.apply_settlement(lease, settlement)
+        for record in late_records:
+            ledger.apply_settlement(record.lease, record.settlement)
         if request.final:
             answer = wire.stop("final check-in")
         elif worker.is_live:
@@ -91,6 +107,7 @@ def checkin(
         workers.save_checkin(worker)
     if ahead is not None:
         queue.move_cursors(ahead)
+    queue.reopen_messages([i for record in late_records for i in record.maybe_queued])
     return {**answer, "token": token}
 
 

@@ -1,4 +1,5 @@
-"""What Send now and Cancel will do, said before they do it (the confirmation pages).
+"""What Send now, Cancel and Retry unknown will do, said before they do it (the confirmation
+pages).
 
 Counts here are per message and run once per page view, when a person asks; the rate and the
 ETA come from the planner, the same function the live pages and the scheduler use.
@@ -107,3 +108,24 @@ def cancel_plan(message: Message) -> CancelPlan:
         out=counts["leased"],
         finished=counts["finished"],
     )
+
+
+@dataclass(frozen=True)
+class RetryUnknownPlan:
+    message: Message
+    unknown: int  # queued again: each may already have the email (a possible duplicate)
+    problems: tuple[str, ...]
+
+
+def retry_unknown_plan(message: Message) -> RetryUnknownPlan:
+    unknown = Recipient.objects.filter(message=message, status=Recipient.Status.UNKNOWN).count()
+    problems = []
+    if message.status not in (
+        Message.Status.SENDING,
+        Message.Status.PAUSED,
+        Message.Status.COMPLETED,
+    ):
+        problems.append(f"It is {message.get_status_display().lower()}.")
+    if not unknown:
+        problems.append("It has no unknown recipients.")
+    return RetryUnknownPlan(message=message, unknown=unknown, problems=tuple(problems))

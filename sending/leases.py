@@ -5,7 +5,7 @@ A lease's terms for the pacing core (`pacing.LeaseTerms`) are computed from its 
 pacing decided at the grant is what it settles by.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from django.conf import settings
@@ -117,6 +117,11 @@ def check_report(lease: Lease | None, report: wire.Report | None) -> None:
         return
     if lease is None or report.lease_id != lease.pk:
         raise wire.Conflict(f"lease {report.lease_id} is not this worker's open lease")
+    check_members(lease, report)
+
+
+def check_members(lease: Lease, report: wire.Report) -> None:
+    """A report names only its lease's recipients, once each."""
     ids = [r.id for r in report.results]
     if len(ids) != len(set(ids)):
         raise wire.Conflict("a recipient appears more than once in the report")
@@ -187,6 +192,88 @@ def settle_reported(*, lease: Lease, report: wire.Report, clock: Clock) -> pacin
     )
     mark_settled(lease, state=Lease.State.SETTLED, at=clock.now)
     return settlement
+
+
+def closed_lease_of(worker: Worker, lease_id: int) -> Lease:
+    """A lease of this worker's that is no longer open (settled, or reclaimed as overdue): what a
+    late report may be for. Anything else is a conflict."""
+    lease = Lease.objects.filter(pk=lease_id, worker_id=worker.pk).first()
+    if lease is None:
+        raise wire.Conflict(f"lease {lease_id} is not this worker's")
+    if lease.state == Lease.State.OPEN:
+        raise wire.Conflict(f"lease {lease_id} is open: report it, not as late")
+    return lease
+
+
+@dataclass(frozen=True)
+class LateRecord:
+    """What a late report changed: the counts for its lease's minute, and the recipients it may
+    have queued again (their messages are reopened after the commit, `queue.reopen_messages`)."""
+
+    lease: Lease
+    settlement: pacing.Settlement
+    maybe_queued: list[int]
+
+
+def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
+    """Record a report for a lease that was settled without it: the worker's earlier report left
+    a send out (still unanswered then), or the lease was reclaimed as overdue before the report
+    came. One statement (`queue.record_late`); returns the counts for the lease's minute, which
+    the caller applies under the customer's lock (`ledger.apply_settlement`), and the recipients
+    it may have queued again.
+
+    Only recipients up to the lease's progress mark are looked at: those past it went back to the
+    queue when the lease was settled, and the worker was refused any start past it. Of those,
+    only rows still `unknown` change (`unknown` → sent, failed, or queued again if the worker says
+    it never reached the provider), so a late report never re-queues a recipient that could have
+    gone out, and never touches one that is leased again. What changes counts in the lease's own
+    minute, the minute it was charged to: sent and failed to its counts, a recipient queued again
+    refunded to it (it was charged and never sent). What was charged to the next minute as
+    possibly crossing is given back to it where the report shows it did not cross
+    (`_uncrossed`); the rest stays charged (the safe side).
+    """
+    check_members(lease, report)
+    in_doubt = set(lease.recipient_ids[: lease.started_through])
+    granted_ms = datetime_to_ms(lease.granted_at)
+    results = {r.id: r for r in report.results if r.id in in_doubt}
+    changes = [_status_change(r, granted_ms) for r in results.values()]
+    changed = queue.record_late(
+        changes,
+        lease_id=lease.pk,
+        customer_id=lease.customer_id,
+        max_attempts=settings.SEND_MAX_ATTEMPTS,
+    )
+    counts = {o: 0 for o in wire.Outcome}
+    for recipient_id in changed:
+        counts[results[recipient_id].outcome] += 1
+    requeued = counts[wire.Outcome.NOT_STARTED] + counts[wire.Outcome.THROTTLED]
+    settlement = pacing.Settlement(
+        refund=requeued,
+        crossed=-_uncrossed(lease, [results[i] for i in changed]),
+        sent=counts[wire.Outcome.SENT],
+        failed=counts[wire.Outcome.FAILED],
+        throttled=counts[wire.Outcome.THROTTLED],
+    )
+    # Recipients that may be queued again (not started, throttled, a temporary failure).
+    retry = [i for i in changed if results[i].outcome is not wire.Outcome.SENT]
+    return LateRecord(lease=lease, settlement=settlement, maybe_queued=retry)
+
+
+def _uncrossed(lease: Lease, results: list[wire.Result]) -> int:
+    """How many of these recipients, charged to the next minute too when their lease was
+    settled in doubt, are now known not to have arrived in it: never started, or answered before
+    the minute's last safe moment (the same rule as `pacing.settle`, on the worker's `done_ms`).
+    A lease settled by its report charged every recipient it left out to the next minute; a
+    reclaimed one, its in-doubt recipients if it may cross."""
+    if lease.state == Lease.State.EXPIRED and not lease.may_cross:
+        return 0
+    last_safe = lease.minute_ends_in_ms - lease.guard_ms
+    return sum(
+        1
+        for r in results
+        if r.outcome in (wire.Outcome.NOT_STARTED, wire.Outcome.THROTTLED)
+        or (r.outcome in wire.STARTED and r.done_ms is not None and r.done_ms <= last_safe)
+    )
 
 
 def record_progress(*, claims, request: wire.ProgressRequest) -> None:

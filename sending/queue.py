@@ -283,18 +283,30 @@ def record(changes: Sequence[StatusChange], *, max_attempts: int) -> int:
         last_error = {guarded("COALESCE(NULLIF(u.error, ''), r.last_error)", "r.last_error")},
         sent_at = {guarded("COALESCE(u.sent_at, r.sent_at)", "r.sent_at")}
     """
-    # The changes travel as one JSON text (orjson writes the dataclasses as they are), not one
-    # array per column: psycopg quotes array elements one by one in Python.
+    sql = f"""
+        UPDATE sending_recipient AS r SET {assignments}
+        FROM {_changes_sql()}
+        WHERE r.id = u.id
+    """  # noqa: S608 - constant SQL fragments only
+    params = [*status_params, orjson.dumps(changes).decode()]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _changes_sql() -> str:
+    """The changes as rows `u` of one JSON text parameter (orjson writes the dataclasses as they
+    are), not one array per column: psycopg quotes array elements one by one in Python."""
     if _is_postgres():
-        rows_sql = """(
+        return """(
                 SELECT id, status, provider_id, error, attempted::int AS attempted,
                        to_timestamp(sent_at_ms / 1000.0) AS sent_at
                 FROM jsonb_to_recordset(%s::jsonb) AS j(
                     id bigint, status text, provider_id text, error text, attempted boolean,
                     sent_at_ms bigint)
             ) AS u"""
-    else:  # SQLite's ->> reads a JSON true as 1
-        rows_sql = """(
+    # SQLite's ->> reads a JSON true as 1
+    return """(
                 SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
                        value ->> '$.provider_id' AS provider_id, value ->> '$.error' AS error,
                        value ->> '$.attempted' AS attempted,
@@ -302,15 +314,69 @@ def record(changes: Sequence[StatusChange], *, max_attempts: int) -> int:
                                 'unixepoch') AS sent_at
                 FROM json_each(%s)
             ) AS u"""
+
+
+def record_late(
+    changes: Sequence[StatusChange], *, lease_id: int, customer_id: int, max_attempts: int
+) -> list[int]:
+    """Write a late report's outcomes over `unknown` (one statement); returns the ids changed.
+
+    A row changes only while it is `unknown` and no later lease of the customer holds it: a
+    recipient that was queued again (by the operator's "retry unknown", or by an earlier late
+    report) and leased since belongs to that lease now, whatever this report says. So a late
+    report never puts a recipient back in the queue that another lease may have sent.
+    """
+    if not changes:
+        return []
+    if _is_postgres():
+        leased_since, returning = "l.recipient_ids @> to_jsonb(r.id)", "r.id"
+    else:  # SQLite: RETURNING names the updated table's columns only, unqualified
+        leased_since = "EXISTS (SELECT 1 FROM json_each(l.recipient_ids) e WHERE e.value = r.id)"
+        returning = "id"
     sql = f"""
-        UPDATE sending_recipient AS r SET {assignments}
-        FROM {rows_sql}
-        WHERE r.id = u.id
+        UPDATE sending_recipient AS r SET
+            status = CASE
+                WHEN u.status = %s AND r.attempts + 1 >= %s THEN %s
+                WHEN u.status = %s THEN %s
+                ELSE u.status END,
+            attempts = r.attempts + u.attempted,
+            provider_message_id = COALESCE(NULLIF(u.provider_id, ''), r.provider_message_id),
+            last_error = COALESCE(NULLIF(u.error, ''), r.last_error),
+            sent_at = COALESCE(u.sent_at, r.sent_at)
+        FROM {_changes_sql()}
+        WHERE r.id = u.id AND r.status = %s AND u.status <> %s
+          AND NOT EXISTS (
+              SELECT 1 FROM sending_lease l
+              WHERE l.customer_id = %s AND l.id > %s AND {leased_since})
+        RETURNING {returning}
     """  # noqa: S608 - constant SQL fragments only
-    params = [*status_params, orjson.dumps(changes).decode()]
+    params = [
+        RETRY,
+        max_attempts,
+        FAILED,
+        RETRY,
+        QUEUED,
+        orjson.dumps(changes).decode(),
+        UNKNOWN,
+        UNKNOWN,
+        customer_id,
+        lease_id,
+    ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.rowcount
+        return [row[0] for row in cursor.fetchall()]
+
+
+def reopen_messages(recipient_ids: Sequence[int]) -> int:
+    """Completed messages that have these recipients queued again (a late report said they were
+    never sent) go back to sending (one statement); returns how many. Run outside a check-in's
+    transaction, like `move_cursors`: it takes message row locks."""
+    if not recipient_ids:
+        return 0
+    queued = Recipient.objects.filter(id__in=list(recipient_ids), status=QUEUED)
+    return Message.objects.filter(
+        status=Message.Status.COMPLETED, pk__in=queued.values("message_id")
+    ).update(status=Message.Status.SENDING, completed_at=None)
 
 
 def release(ids: Sequence[int], *, status: str) -> int:
@@ -324,6 +390,12 @@ def release(ids: Sequence[int], *, status: str) -> int:
     return Recipient.objects.filter(id__in=list(ids)).update(
         status=Case(When(status=LEASED, then=Value(status)), default=F("status"))
     )
+
+
+def requeue_unknown(*, message_id: int) -> int:
+    """Queue a message's `unknown` recipients again (one statement): the operator's explicit
+    retry, knowing each may get the email twice. Returns how many."""
+    return Recipient.objects.filter(message_id=message_id, status=UNKNOWN).update(status=QUEUED)
 
 
 def cancel_queued(*, message_ids: Sequence[int]) -> int:

@@ -1,4 +1,4 @@
-"""Starting, pausing, resuming and cancelling sends.
+"""Starting, pausing, resuming and cancelling sends, and retrying the ones in doubt.
 
 Each action is atomic, checks the acting user's custom permission (sending.start_message, …),
 records who did it in the message's admin history, and kicks the customer's conductor only after
@@ -185,3 +185,32 @@ def message_cancel(*, message_id: int, user=None) -> int:
     cancelled = queue.cancel_queued(message_ids=[message.pk])
     _record(message, user, f"Cancelled ({cancelled} recipients not sent)")
     return cancelled
+
+
+@transaction.atomic
+def message_retry_unknown(*, message_id: int, user=None) -> int:
+    """Send again to the recipients whose send is in doubt (`unknown`), on a person's explicit
+    word: each of them may already have the email and get it twice (the confirmation page says
+    how many). Never done automatically. A completed message goes back to sending. Returns how
+    many recipients were queued again."""
+    _check(user, "start_message")
+    message = _locked(message_id)
+    allowed = (Message.Status.SENDING, Message.Status.PAUSED, Message.Status.COMPLETED)
+    if message.status not in allowed:
+        raise ValidationError(
+            f"“{message}” is {message.get_status_display().lower()}: cannot retry its unknown "
+            "recipients."
+        )
+    requeued = queue.requeue_unknown(message_id=message.pk)
+    if not requeued:
+        raise ValidationError(f"“{message}” has no unknown recipients.")
+    if message.status == Message.Status.COMPLETED:
+        message.status, message.completed_at = Message.Status.SENDING, None
+        message.save(update_fields=["status", "completed_at", "updated_at"])
+    _record(
+        message,
+        user,
+        f"Retried {requeued} unknown recipients (each may get the email twice)",
+    )
+    _kick(message.customer_id)
+    return requeued

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 API_VERSION = "v1"
 
 MAX_RESULTS = 1000  # a batch is at most 1,000 recipients (SendLimit.batch_size)
+MAX_LATE = 20  # late reports one check-in may carry
 MAX_ERROR_CHARS = 2000
 MAX_INT = 2**63 - 1  # ids and counts are 64-bit in the database
 
@@ -72,6 +73,9 @@ class CheckinRequest:
     request_id: str
     report: Report | None
     final: bool = False  # the worker is exiting: record the report, offer nothing more
+    # The rest of leases already settled (a send that was still out, answered since): recorded
+    # over the `unknown` their recipients were left in (leases.record_late).
+    late: tuple[Report, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ _OUTCOMES = {o.value: o for o in Outcome}
 _NEED_DONE_MS = (Outcome.SENT, Outcome.FAILED)
 
 
-def _result(raw: Any, index: int, problems: list[str]) -> Result | None:
+def _result(raw: Any, index: int, problems: list[str], prefix: str = "report") -> Result | None:
     if type(raw) is dict:
         # The common case, checked in one expression (a report has up to 1,000 results); anything
         # else falls through to the checks below, which name every problem.
@@ -137,13 +141,15 @@ def _result(raw: Any, index: int, problems: list[str]) -> Result | None:
             return Result(
                 recipient_id, outcome, provider_id, permanent, error[:MAX_ERROR_CHARS], done_ms
             )
-    return _result_checked(raw, index, problems)
+    return _result_checked(raw, index, problems, prefix)
 
 
-def _result_checked(raw: Any, index: int, problems: list[str]) -> Result | None:
-    where = f"report.results[{index}]."
+def _result_checked(
+    raw: Any, index: int, problems: list[str], prefix: str = "report"
+) -> Result | None:
+    where = f"{prefix}.results[{index}]."
     if not isinstance(raw, dict):
-        problems.append(f"report.results[{index}]: must be an object")
+        problems.append(f"{prefix}.results[{index}]: must be an object")
         return None
     before = len(problems)
     recipient_id = _int(raw, "id", problems, where=where, minimum=1)
@@ -183,22 +189,22 @@ def _result_checked(raw: Any, index: int, problems: list[str]) -> Result | None:
     )
 
 
-def _report(raw: Any, problems: list[str]) -> Report | None:
+def _report(raw: Any, problems: list[str], prefix: str = "report") -> Report | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        problems.append("report: must be an object or null")
+        problems.append(f"{prefix}: must be an object or null")
         return None
-    lease_id = _int(raw, "lease_id", problems, where="report.", minimum=1)
-    elapsed_ms = _int(raw, "elapsed_ms", problems, where="report.")
+    lease_id = _int(raw, "lease_id", problems, where=f"{prefix}.", minimum=1)
+    elapsed_ms = _int(raw, "elapsed_ms", problems, where=f"{prefix}.")
     raw_results = raw.get("results")
     if not isinstance(raw_results, list):
-        problems.append("report.results: required, a list")
+        problems.append(f"{prefix}.results: required, a list")
         return None
     if len(raw_results) > MAX_RESULTS:
-        problems.append(f"report.results: at most {MAX_RESULTS} entries")
+        problems.append(f"{prefix}.results: at most {MAX_RESULTS} entries")
         return None
-    results = tuple(_result(r, i, problems) for i, r in enumerate(raw_results))
+    results = tuple(_result(r, i, problems, prefix) for i, r in enumerate(raw_results))
     return Report(lease_id=lease_id, elapsed_ms=elapsed_ms, results=results)  # type: ignore[arg-type]
 
 
@@ -214,14 +220,35 @@ def parse_checkin(body: Any) -> CheckinRequest:
     final = obj.get("final", False)
     if not isinstance(final, bool):
         problems.append("final: true or false")
-    unknown = set(obj) - {"worker_id", "seq", "request_id", "report", "final"}
+    late = _late(obj.get("late", []), problems)
+    unknown = set(obj) - {"worker_id", "seq", "request_id", "report", "final", "late"}
     if unknown:
         problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
     if problems:
         raise BadRequest(problems)
     return CheckinRequest(
-        worker_id=worker_id, seq=seq, request_id=request_id, report=report, final=final
+        worker_id=worker_id,
+        seq=seq,
+        request_id=request_id,
+        report=report,
+        final=final,
+        late=late,
     )
+
+
+def _late(raw: Any, problems: list[str]) -> tuple[Report, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_LATE:
+        problems.append(f"late: a list of at most {MAX_LATE} reports")
+        return ()
+    late = []
+    for index, item in enumerate(raw):
+        if item is None:
+            problems.append(f"late[{index}]: must be an object")
+            continue
+        report = _report(item, problems, f"late[{index}]")
+        if report is not None:
+            late.append(report)
+    return tuple(late)
 
 
 def parse_progress(body: Any) -> ProgressRequest:

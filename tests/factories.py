@@ -197,9 +197,13 @@ def start_worker(customer, api_url):
 # --- check-ins through the real service ---------------------------------------------------------
 
 
-def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1"):
+def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1", late=None, final=False):
     """A check-in at a fixed time, through the service; the answer as the worker receives it."""
     body = {"worker_id": worker.pk, "seq": seq, "request_id": request_id, "report": report}
+    if final:
+        body["final"] = True
+    if late is not None:
+        body["late"] = late
     answer = checkin.checkin(
         claims=tokens.verify(token), request=parse_checkin(body), clock=Clock(at)
     )

@@ -18,6 +18,7 @@ from ..selectors import (
     messages_with_progress,
     progress_of,
 )
+from .unknowns import UnknownRecipientsMixin
 
 # A <progress> element rather than a div sized by style="…": the site's CSP allows no inline style.
 PROGRESS_BAR = (
@@ -48,7 +49,7 @@ def recipients_url(message_id, **filters) -> str:
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
     list_display = (
         "subject",
         "customer",
@@ -93,7 +94,7 @@ class MessageAdmin(admin.ModelAdmin):
         "purged_at",
     )
 
-    actions = ["send_now", "pause", "resume", "cancel"]
+    actions = ["send_now", "pause", "resume", "cancel", "retry_unknown"]
     # What the change page's buttons and the list's actions do: (service, permission, done text).
     SEND_ACTIONS = {
         "send": (services.message_start, "start_message", "Sending started"),
@@ -284,7 +285,7 @@ class MessageAdmin(admin.ModelAdmin):
             ),
         ]
         # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
-        return urls + super().get_urls()
+        return urls + self.unknown_urls() + super().get_urls()
 
     def preview_view(self, request, object_id):
         """The HTML body as its first recipient gets it, for the message page's sandboxed iframe.
@@ -349,6 +350,9 @@ class MessageAdmin(admin.ModelAdmin):
                 ),
                 "import_url": (
                     reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
+                ),
+                **self.unknown_context(
+                    request, message, progress.by_status.get(Recipient.Status.UNKNOWN, 0)
                 ),
                 **(FROZEN_SUBMIT_ROW if message.is_content_frozen else {}),
                 **(extra_context or {}),

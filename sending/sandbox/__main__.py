@@ -5,7 +5,7 @@ import contextlib
 import json
 import sys
 
-from .books import Latency
+from .books import LateAnswer, Latency
 from .server import SandboxServer
 
 
@@ -38,11 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         "--fault", action="append", default=[], metavar="STATUS:FRACTION",
         help="answer STATUS (429, 500, 502, 503) to this fraction of requests, e.g. 500:0.01",
     )  # fmt: skip
+    parser.add_argument(
+        "--late", default=None, metavar="FRACTION:DELAY_MS",
+        help="accept and record, then hold the answer to this fraction of requests, e.g. 0.02:7000",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     if not args.cap and args.default_cap is None:
         parser.error("give at least one --cap KEY=N or a --default-cap N")
 
+    late = None
+    if args.late:
+        fraction, _, delay_ms = args.late.partition(":")
+        try:
+            late = LateAnswer(float(fraction), int(delay_ms or 0))
+        except ValueError as exc:
+            parser.error(f"--late: {exc}")
     server = SandboxServer(
         args.host,
         args.port,
@@ -50,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         default_cap=args.default_cap,
         clock_offset_ms=args.clock_offset_ms,
         latency=Latency(args.latency_median_ms, args.latency_p99_ms),
+        late=late,
         verbose=args.verbose,
     )
     for spec in args.fault:

@@ -67,6 +67,34 @@ class Fault:
         return self.until_ms is None or now_ms < self.until_ms
 
 
+@dataclass(frozen=True)
+class LateAnswer:
+    """Hold the answer to a `fraction` of accepted requests for `delay_ms`: the messages are
+    accepted and recorded first, so a client that gives up waiting has still sent them.
+    Fraction 0 turns it off."""
+
+    fraction: float = 0.0
+    delay_ms: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float):
+            raise ValueError("fraction must be a number from 0 to 1")
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("fraction must be from 0 to 1")
+        if isinstance(self.delay_ms, bool) or not isinstance(self.delay_ms, int):
+            raise ValueError("delay_ms must be a whole number of milliseconds")
+        if self.delay_ms < 0:
+            raise ValueError("delay_ms must be ≥ 0")
+
+    def hold_s(self) -> float:
+        """How long to hold this answer: delay_ms for the chosen fraction, else 0."""
+        if self.fraction <= 0 or self.delay_ms <= 0:
+            return 0.0
+        if self.fraction >= 1 or random.random() < self.fraction:
+            return self.delay_ms / 1000
+        return 0.0
+
+
 class ErrorAnswer(Exception):
     """An HTTP answer other than success, raised from inside request handling."""
 
@@ -113,6 +141,7 @@ class Ledger:
         self._throttled: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._duplicates: dict[str, int] = defaultdict(int)
         self._faulted: dict[int, int] = defaultdict(int)
+        self._late: dict[str, int] = defaultdict(int)  # answers held late, per key
 
     def now_ms(self) -> int:
         return self._clock() + self.clock_offset_ms
@@ -218,6 +247,11 @@ class Ledger:
                 "X-RateLimit-Reset": str((now // 60_000 + 1) * 60),
             }
 
+    def note_late(self, api_key: str, messages: int) -> None:
+        """Count messages whose answer is being held late (accepted and recorded already)."""
+        with self._lock:
+            self._late[api_key] += messages
+
     def sends_so_far(self) -> list[Send]:
         with self._lock:
             return list(self.sends)
@@ -243,6 +277,8 @@ class Ledger:
                 "over_cap_minutes": over,
                 "throttled": _plain(self._throttled),
                 "faults": {str(status): n for status, n in self._faulted.items()},
+                # Accepted messages whose answer was held late (LateAnswer), per key.
+                "late": dict(self._late),
                 "caps": dict(self.caps),
                 "default_cap": self.default_cap,
                 "clock_offset_ms": self.clock_offset_ms,

@@ -1,5 +1,5 @@
 """The sandbox's HTTP server: Postmark's /email and /email/batch, and its control endpoints
-(/_sandbox/report, reset, faults, caps), served from a thread or in the foreground."""
+(/_sandbox/report, reset, faults, caps, late), served from a thread or in the foreground."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .books import ErrorAnswer, Fault, Latency, Ledger, Send
+from .books import ErrorAnswer, Fault, LateAnswer, Latency, Ledger, Send
 
 MAX_BATCH = 500  # Postmark's batch limit
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -76,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._reply(200, {"Message": "OK"})
             elif path == "/_sandbox/faults":
                 self._control(lambda: self.server.sandbox.inject_fault(**(body or {})))
+            elif path == "/_sandbox/late":
+                self._control(lambda: self.server.sandbox.set_late(**(body or {})))
             elif path == "/_sandbox/caps":
                 self._control(lambda: self.server.sandbox.ledger.set_caps(_caps(body)))
             else:
@@ -121,9 +123,15 @@ class Handler(BaseHTTPRequestHandler):
             _check_message(message)
         results = sandbox.ledger.admit(api_key, messages)
         delay = sandbox.latency.sample_s()
-        if delay:
-            time.sleep(delay)
-        self._reply(200, results if batch else results[0], sandbox.ledger.rate_headers(api_key))
+        held = sandbox.late.hold_s()
+        if held:
+            sandbox.ledger.note_late(api_key, len(messages))
+        if delay or held:
+            time.sleep(max(delay, held))
+        headers = sandbox.ledger.rate_headers(api_key)
+        # A client that gave up waiting for a held answer has closed its end: nothing to tell it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._reply(200, results if batch else results[0], headers)
 
     def _reply(self, status: int, body, headers: dict | None = None):
         data = json.dumps(body).encode()
@@ -177,6 +185,7 @@ class SandboxServer:
         clock_offset_ms: int = 0,
         clock: Callable[[], int] | None = None,
         latency: Latency | None = None,
+        late: LateAnswer | None = None,
         enforce: bool = True,
         verbose: bool = False,
     ):
@@ -190,6 +199,7 @@ class SandboxServer:
             enforce=enforce,
         )
         self.latency = latency or Latency()
+        self.late = late or LateAnswer()
         self.verbose = verbose
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -263,6 +273,12 @@ class SandboxServer:
 
     def reset(self) -> None:
         self.ledger.reset()
+        self.late = LateAnswer()
+
+    def set_late(self, fraction: float = 0.0, delay_ms: int = 0) -> LateAnswer:
+        """Hold the answer to this fraction of accepted requests for delay_ms (0: off)."""
+        self.late = LateAnswer(fraction=fraction, delay_ms=delay_ms)
+        return self.late
 
     def inject_fault(
         self,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from .client import ApiError
@@ -16,6 +16,12 @@ from .environment import setting
 log = logging.getLogger("sending.worker")
 CHUNK_S = 1.0  # about this much sending per progress call
 SLOT_POLL_S = 0.05  # how often a sender waiting for a free slot re-checks the window
+# A batch's report waits for its sends still out at most this long after its last start, and
+# never past this long after its window closed: the server presumes a worker lost
+# (pacing.OVERDUE_SLACK_MS, 1.5 s after the window) and reclaims its lease. What is still out
+# then goes in the report as left out (`unknown`), and its outcome in a later check-in's `late`.
+STRAGGLER_S = 1.0
+REPORT_SLACK_S = 0.75
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class BatchRun:
     last_done: float | None = None
     done: int = 0
     halt: str = ""
+    reported: bool = False  # the report went without the sends still out: start nothing more
 
     def started(self, at: float) -> None:
         with self.lock:
@@ -187,6 +194,9 @@ class BatchSender:
 
     def may_start(self, run: BatchRun) -> bool:
         now = self.clock()
+        if run.reported:
+            run.halt = run.halt or "reported"
+            return False
         if run.throttled.is_set():
             run.halt = run.halt or "throttled"
             return False
@@ -245,9 +255,54 @@ class BatchSender:
                 )
                 future.add_done_callback(lambda _: slots.release())
                 futures[index] = future
-            for index, future in futures.items():
+        return self._collect(batch["lease_id"], futures, outcomes, run)
+
+    def _collect(self, lease_id: int, futures: dict[int, Future], outcomes: list, run: BatchRun):
+        """The batch's outcomes, waiting for the sends still out only as long as the report can
+        wait (STRAGGLER_S, REPORT_SLACK_S). A send still out then is left out of the report (the
+        server marks it `unknown`) and kept in `stragglers`, reported late once it is answered:
+        one slow provider call no longer holds the whole batch past its lease."""
+        deadline = min(run.window.stop_at + REPORT_SLACK_S, self.clock() + STRAGGLER_S)
+        wait(futures.values(), timeout=max(0.0, deadline - self.clock()))
+        run.reported = True  # from here a send not yet begun will not begin
+        out = []
+        for index, future in futures.items():
+            if future.done():
                 outcomes[index] = future.result()
+            else:
+                outcomes[index] = None
+                out.append(future)
+        if out:
+            log.info(
+                "worker %s: lease %s: reporting with %d sends still out",
+                self.worker_id,
+                lease_id,
+                len(out),
+                extra={"worker_id": self.worker_id, "lease_id": lease_id},
+            )
+            self.stragglers[lease_id] = out
         return outcomes
+
+    def late_reports(self, *, limit: int) -> list[dict]:
+        """Reports for leases whose last sends are all answered now (at most `limit`): the
+        rest of those leases, for the next check-in's `late`."""
+        late = []
+        for lease_id, futures in self.stragglers.items():
+            if len(late) >= limit or not all(f.done() for f in futures):
+                continue
+            results = [r for r in (f.result() for f in futures) if r is not None]
+            for result in results:
+                self.summary.settle_late(result)
+            late.append({"lease_id": lease_id, "elapsed_ms": 0, "results": results})
+        return late
+
+    def await_stragglers(self) -> None:
+        """Before exiting: wait for the sends still out (each ends by the provider's timeout),
+        within the invocation's time."""
+        futures = [f for out in self.stragglers.values() for f in out]
+        if futures:
+            room_s = (self.remaining_ms() - setting("WORKER_SEND_MARGIN_MS")) / 1000
+            wait(futures, timeout=max(0.0, room_s))
 
     def _progress(self, lease_id: int, mark: int, run: BatchRun) -> bool:
         body = {"worker_id": self.worker_id, "lease_id": lease_id, "started_through": mark}
@@ -305,6 +360,11 @@ class BatchSender:
         except SendError as exc:
             done = self.clock()
             run.finished(done)
+            if exc.maybe_sent:
+                # In doubt (a read timeout, a connection lost after the message went out): the
+                # provider may have it. Unknown, never failed: a failure would be sent again.
+                return {"id": rid, "status": "unknown", "error": exc.message,
+                        "done_ms": run.window.ms(done)}  # fmt: skip
             return {"id": rid, "status": "failed", "permanent": exc.permanent,
                     "error": exc.message, "done_ms": run.window.ms(done)}  # fmt: skip
         except Exception:

@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .batch import BatchSender, Window
@@ -15,6 +15,7 @@ from .client import Api, ApiError
 from .environment import setting
 
 log = logging.getLogger("sending.worker")
+MAX_LATE = 20  # late reports per check-in (wire.MAX_LATE)
 
 
 @dataclass
@@ -46,6 +47,13 @@ class Summary:
             status = result["status"]
             setattr(self, status, getattr(self, status) + 1)
         self.unknown += size - len(results)
+
+    def settle_late(self, result: dict) -> None:
+        """A send left out of its batch's report (counted unknown) answered since."""
+        status = result["status"]
+        if status != "unknown":
+            self.unknown -= 1
+            setattr(self, status, getattr(self, status) + 1)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,6 +93,8 @@ class WorkerLoop(BatchSender):
         self.request_id = f"{context.aws_request_id}:{uuid.uuid4().hex}"[:100]
         self.seq = 0
         self.report: dict | None = None  # the last batch's report, not delivered yet
+        # Sends still out when their batch was reported, by lease (see BatchSender._collect).
+        self.stragglers: dict[int, list[Future]] = {}
         self.rate_per_s: float | None = None
         self.last_batch_ms = 0
         self.summary = Summary(worker_id=worker_id, request_id=self.request_id)
@@ -116,6 +126,9 @@ class WorkerLoop(BatchSender):
             "report": self.report,
             "final": final,
         }
+        late = self.late_reports(limit=MAX_LATE)
+        if late:
+            body["late"] = late
         first_sent = self.clock()
         answer = self.api.post("checkin", body)
         received = self.clock()
@@ -123,6 +136,8 @@ class WorkerLoop(BatchSender):
             raise ApiError(f"checkin: unexpected answer {answer!r:.300}")
         self.api.token = answer["token"]
         self.report = None
+        for report in late:
+            del self.stragglers[report["lease_id"]]
         window = None
         if answer["decision"] == "send":
             window = Window.of(answer["batch"], received=received, first_sent=first_sent)
@@ -145,10 +160,15 @@ class WorkerLoop(BatchSender):
             if self.out_of_time():
                 # Always said, report or not: the server then counts this worker as stopped
                 # at once, and the conductor can start its replacement.
+                self.await_stragglers()
                 self.final_checkin()
                 return "deadline"
             answer = self.checkin()
             if answer.decision == "stop":
+                if self.stragglers:
+                    # Sends still out from an earlier batch: their outcomes are the truth too.
+                    self.await_stragglers()
+                    self.final_checkin()
                 return answer.body.get("reason", "stop")
             if answer.decision == "wait":
                 room_s = (self.remaining_ms() - self.deadline_margin_ms()) / 1000

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from sending.sandbox import Latency, SandboxServer, minute_key
+from sending.sandbox import LateAnswer, Latency, SandboxServer, minute_key
 
 MINUTE = 60_000
 T0 = 1_800_000_000_000  # 2027-01-15T08:00:00.000Z, the start of a calendar minute
@@ -308,3 +308,52 @@ def test_cli_needs_a_cap():
     )
     assert result.returncode == 2
     assert "--cap" in result.stderr
+
+
+def test_a_late_answer_is_recorded_before_it_is_held_so_a_client_that_gives_up_sent_it(clock):
+    with SandboxServer(caps={"k": 10}, clock=clock, late=LateAnswer(1.0, 1_500)) as sandbox:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(
+                sandbox.url + "email",
+                data=json.dumps(message(1)),
+                headers={"X-Postmark-Server-Token": "k"},
+                timeout=0.3,
+            )
+        # Recorded at arrival, while the answer is still being held.
+        assert [s.idempotency_key for s in sandbox.sends] == ["1"]
+        assert sandbox.report()["late"] == {"k": 1}
+        # Turned off over HTTP: answers come at once again.
+        off = requests.post(sandbox.url + "_sandbox/late", json={"fraction": 0}, timeout=5)
+        assert off.status_code == 200
+        assert post(sandbox, "/email", message(2), key="k").status_code == 200
+    assert sandbox.report()["late"] == {"k": 1}
+
+
+def test_the_late_knob_holds_about_its_fraction_of_answers_for_its_delay(clock):
+    with SandboxServer(caps={"k": 1000}, clock=clock) as sandbox:
+        answer = requests.post(
+            sandbox.url + "_sandbox/late", json={"fraction": 0.5, "delay_ms": 400}, timeout=5
+        )
+        assert answer.status_code == 200
+        assert sandbox.late == LateAnswer(0.5, 400)
+        with requests.Session() as session:
+            for n in range(40):
+                assert post(sandbox, "/email", message(n), key="k", session=session).ok
+    late = sandbox.report()["late"]["k"]
+    assert 5 < late < 35  # 0.5 of 40 ± 4.7 standard deviations
+    assert len(sandbox.sends) == 40
+
+
+@pytest.mark.parametrize(
+    "body", [{"fraction": 2}, {"fraction": -0.1}, {"delay_ms": -1}, {"fraction": "x"}, {"x": 1}]
+)
+def test_a_bad_late_request_gets_400_and_changes_nothing(sandbox, body):
+    answer = requests.post(sandbox.url + "_sandbox/late", json=body, timeout=5)
+    assert answer.status_code == 400
+    assert sandbox.late == LateAnswer()
+
+
+def test_reset_turns_late_answers_off(sandbox):
+    sandbox.set_late(1.0, 5_000)
+    sandbox.reset()
+    assert sandbox.late.hold_s() == 0
