@@ -18,19 +18,20 @@ def key(*parts) -> str:
     return "live:" + ":".join(str(p) for p in parts)
 
 
-def _watch_key(customer_id: int | None) -> str:
+def watch_key(customer_id: int | None) -> str:
+    """The presence key of a customer's page (None: the overview)."""
     return key("watched", customer_id or "overview")
 
 
 def mark_watched(customer_id: int | None) -> None:
     """A consumer says someone watches this customer (None: the overview)."""
-    cache.set(_watch_key(customer_id), 1, PRESENCE_TTL_S)
+    cache.set(watch_key(customer_id), 1, PRESENCE_TTL_S)
 
 
 def unmark_watched(customer_id: int | None) -> None:
     """Forget that someone watches (benches that compare watched and unwatched ticks)."""
-    cache.delete(_watch_key(customer_id))
+    cache.delete(watch_key(customer_id))
 
 
 def watched(customer_id: int | None) -> bool:
-    return bool(cache.get(_watch_key(customer_id)))
+    return bool(cache.get(watch_key(customer_id)))

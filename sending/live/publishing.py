@@ -23,7 +23,8 @@ from channels.layers import get_channel_layer
 from django.core.cache import cache
 from django.db import transaction
 
-from .presence import OVERVIEW_GROUP, customer_group, key, watched
+from .. import alerts
+from .presence import OVERVIEW_GROUP, customer_group, key, watch_key, watched
 from .samples import SECONDS_KEPT, build, overview_line, read_rows
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ STATE_TTL_S = SECONDS_KEPT + 60
 def on_tick(*, customer_id: int, now_ms: int, sending: bool, lost: int = 0) -> dict | None:
     """Called by each conductor tick: record the customer's per-second point, check its alerts
     and publish a sample if someone watches. Returns the sample (None when idle)."""
-    from .. import alerts
-
     state_key = key("state", customer_id)
     if not sending:
         if cache.get(state_key) is not None:
@@ -51,7 +50,7 @@ def on_tick(*, customer_id: int, now_ms: int, sending: bool, lost: int = 0) -> d
     # Two statements and two cache round trips a tick: the rows, then everything the cache
     # holds for them at once (the state, who watches, the messages' sizes), then the writes.
     rows = read_rows(customer_id, now_ms)
-    watch_keys = (key("watched", customer_id), key("watched", "overview"))
+    watch_keys = (watch_key(customer_id), watch_key(None))
     cached = cache.get_many(
         [state_key, *watch_keys, *(key("msg", m["id"]) for m in rows["messages"])]
     )
