@@ -6,18 +6,24 @@ Per check-in, in this order:
 3. claim ahead: decide on an unlocked read and claim that many recipients (`queue.Ahead`,
    FOR UPDATE SKIP LOCKED, oldest-started message first);
 4. the customer's SendLimit row (FOR UPDATE, `ledger.lock_limits`): serializes the customer's
-   budget accounting, so concurrent check-ins can never grant the same minute's budget twice.
-   Under it: settle the reported lease's minute, `pacing.decide` on fresh rows, charge the grant,
-   and give back what it does not grant of the claim (or claim the rest, if it grants more).
+   budget accounting, so concurrent check-ins can never grant the same minute's budget twice;
+   then, if its provider account is shared, the account's row (`accounts.standing`), which does
+   the same for all the account's customers together.
+   Under them: settle the reported lease's minute, judge its refusals (`accounts.learn`),
+   `pacing.decide` on fresh rows, charge the grant, and give back what it does not grant of the
+   claim (or claim the rest, if it grants more).
 After the commit, the messages' claim cursors are moved (`queue.move_cursors`).
-Every check-in locks in this order: its worker, the rows it claims, its customer. Reclaim locks
+Every check-in locks in this order: its worker, the rows it claims, its customer, its shared
+account. Reclaim locks
 the worker and then the customer too, and then only leased rows, which no claim holds.
 Everything the worker needs to send comes back in the answer; the worker never reads the database.
 """
 
+from dataclasses import replace
+
 from django.db import transaction
 
-from . import leases, ledger, pacing, queue, tokens, wire, workers
+from . import accounts, leases, ledger, pacing, queue, throttle, tokens, wire, workers
 from .clock import Clock, ms_to_datetime
 from .models import Worker
 
@@ -65,15 +71,27 @@ def checkin(
             ahead = _claim_ahead(worker=worker, clock=fixed_clock or Clock.read())
 
         limits = ledger.lock_limits(worker.customer_id)
+        standing = accounts.standing(worker.customer_id, lock=True)
         # The time of the decision is read once the locks are held, so a wait for them does not
         # make it stale (the worker also anchors the window's end at its request).
         clock = fixed_clock or Clock.read()
         if settlement is not None:
             ledger.apply_settlement(lease, settlement)
+            if settlement.throttled and accounts.learn(
+                customer_id=worker.customer_id,
+                lease=lease,
+                results=request.report.results,
+                standing=standing,
+                limits=limits,
+                now_ms=clock.now_ms,
+            ):
+                standing = accounts.standing(worker.customer_id, lock=False)
         if request.final:
             answer = wire.stop("final check-in")
         elif worker.is_live:
-            answer = _decide(worker=worker, limits=limits, clock=clock, ahead=ahead)
+            answer = _decide(
+                worker=worker, limits=limits, standing=standing, clock=clock, ahead=ahead
+            )
         else:
             answer = wire.stop(f"worker is {worker.state}")
 
@@ -133,20 +151,33 @@ def _claim_ahead(*, worker: Worker, clock: Clock) -> queue.Ahead:
     customer_id = worker.customer_id
     ahead = queue.Ahead(messages=queue.sending_messages(customer_id))
     limits = ledger.read_limits(customer_id)
+    standing = accounts.standing(customer_id, lock=False)
     minute_start = ms_to_datetime(pacing.minute_start(clock.now_ms, limits.window_ms))
     pool = ledger.read_pool(
         customer_id=customer_id, minute_start=minute_start, window_ms=limits.window_ms
     )
     # The backlog is not counted here: as many as can be granted is what the claim finds out.
     decision = _decision(
-        worker=worker, limits=limits, clock=clock, pool=pool, backlog=_UNCOUNTED_BACKLOG
+        worker=worker,
+        limits=limits,
+        standing=standing,
+        clock=clock,
+        pool=pool,
+        backlog=_UNCOUNTED_BACKLOG,
     )
     if isinstance(decision, pacing.Grant):
         ahead.claim(decision.size)
     return ahead
 
 
-def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue.Ahead) -> dict:
+def _decide(
+    *,
+    worker: Worker,
+    limits: pacing.Limits,
+    standing: accounts.Standing,
+    clock: Clock,
+    ahead: queue.Ahead,
+) -> dict:
     """The decision under the customer's lock, on fresh rows, and what follows from it."""
     customer_id = worker.customer_id
     minute_start = ms_to_datetime(pacing.minute_start(clock.now_ms, limits.window_ms))
@@ -161,7 +192,12 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue
         customer_id=customer_id, limits=limits, messages=ahead.messages, cursors=ahead.positions
     )
     decision = _decision(
-        worker=worker, limits=limits, clock=clock, pool=pool, backlog=backlog + len(ahead.claimed)
+        worker=worker,
+        limits=limits,
+        standing=standing,
+        clock=clock,
+        pool=pool,
+        backlog=backlog + len(ahead.claimed),
     )
     if isinstance(decision, pacing.Stop):
         ahead.give_back(0)
@@ -196,22 +232,39 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue
 
 
 def _decision(
-    *, worker: Worker, limits: pacing.Limits, clock: Clock, pool: ledger.Pool, backlog: int
+    *,
+    worker: Worker,
+    limits: pacing.Limits,
+    standing: accounts.Standing,
+    clock: Clock,
+    pool: ledger.Pool,
+    backlog: int,
 ) -> pacing.Decision:
+    minute_ms = pool.ledger.minute_start_ms
+    limits = replace(limits, learned_guard_ms=standing.guard_ms(clock.now_ms, limits))
+    room = accounts.room(
+        standing=standing,
+        customer_id=worker.customer_id,
+        minute_start=ms_to_datetime(minute_ms),
+        window_ms=limits.window_ms,
+        used=pool.ledger.charged + pool.open_spill,
+    )
+    hold = standing.hold_until_ms
+    if hold is not None and hold > clock.now_ms:
+        # Workers come back from a back-off spread out, not all in the same millisecond.
+        hold += throttle.jitter_ms(worker.pk, minute_ms)
     return pacing.decide(
         now_ms=clock.now_ms,
         limits=limits,
         ledger=pool.ledger,
         open_spill=pool.open_spill,
         backlog=backlog,
-        # A throttled worker backs off for the rest of the minute it was throttled in.
         # A worker with no measured rate yet is taken to be as fast as its peers, the estimate the
         # conductor starts workers by: otherwise a new worker, assumed faster, could be retired as
         # surplus by the same numbers that made the conductor start it.
-        worker=pacing.WorkerView(
-            rate_per_s=worker.rate_per_s or pool.rate_per_s,
-            throttled=worker.throttled_minute == ms_to_datetime(pool.ledger.minute_start_ms),
-        ),
+        worker=pacing.WorkerView(rate_per_s=worker.rate_per_s or pool.rate_per_s),
         running_workers=pool.running,
         refunds_due_ms=pool.refunds_due_ms,
+        account_room=room,
+        hold_until_ms=hold,
     )
