@@ -10,7 +10,7 @@ can never pass the account's cap. `room` is then what the account lets the custo
 what a report's refusals teach (`throttle.judge`). docs/pacing.md holds the rules.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.db import connection
@@ -144,6 +144,9 @@ def room(
             account_id=standing.account_id, minute_start=minute_start, window_ms=window_ms
         )
         cap = min(c for c in (standing.account_cap, estimate) if c is not None)
+        # The asking customer has backlog by definition: what it claimed ahead of this decision
+        # is leased already, so its queue may look empty.
+        found = [replace(m, backlogged=True) if m.customer_id == customer_id else m for m in found]
         return throttle.account_room(cap=cap, members=found, customer_id=customer_id)
     caps = [c for c in (standing.account_cap, standing.estimate_for(minute_ms)) if c is not None]
     return min(caps) - used if caps else None

@@ -96,8 +96,9 @@ def judge(
 
     EDGE when the first refusal came within `EDGE_MS` of the start window opening and the
     previous minute was full: the provider still counted it in its previous minute. Its start
-    guard widens to cover the last such refusal (the provider's minute turned no earlier), and
-    its workers hold until the widened window opens (or the Retry-After, if later).
+    guard widens to cover the last such refusal (the provider's minute turned no earlier) plus
+    `GUARD_MARGIN_MS`, and at least doubles if a widening was already in force; its workers hold
+    until the widened window opens (or the Retry-After, if later).
     BELOW otherwise: the provider has less room than our count says. The rest of the minute is
     capped at ``used_now`` (what was accepted and is in flight), and the workers hold for the
     Retry-After (or `BACKOFF_MS`). A Retry-After is honoured up to one window.
@@ -121,7 +122,10 @@ def judge(
         last = max(r.at_ms for r in refusals if r.at_ms <= edge_until)
         widest = max_learned_guard_ms(guard_ms=guard_ms, window_ms=window_ms)
         seen = last - minute_start_ms - guard_ms + GUARD_MARGIN_MS
-        learned = min(widest, max(learned_guard_ms, seen))
+        # Refused again although a widening was in force: the skew is more than that widening,
+        # by how much the refusals cannot say (a worker stops at its first one), so at least
+        # double it: repeated edges converge in a few minutes.
+        learned = min(widest, max(seen, 2 * learned_guard_ms))
         hold = minute_start_ms + guard_ms + learned
         return Verdict(
             kind=EDGE,

@@ -41,10 +41,12 @@ def test_a_refusal_at_the_minute_start_after_a_full_minute_widens_the_start_guar
     assert "not turned" in verdict.why
 
 
-def test_an_edge_refusal_never_narrows_what_was_learned():
-    verdict = judged([Refusal(MINUTE + 300)], learned=600)
-    assert verdict.kind == EDGE and verdict.learned_guard_ms == 600
-    assert verdict.hold_until_ms == MINUTE + GUARD + 600
+def test_an_edge_refusal_despite_a_learned_guard_at_least_doubles_it():
+    verdict = judged([Refusal(MINUTE + 900)], learned=600)
+    assert verdict.kind == EDGE and verdict.learned_guard_ms == 1_200
+    assert verdict.hold_until_ms == MINUTE + GUARD + 1_200
+    # ... and never more than the window allows.
+    assert judged([Refusal(MINUTE + 900)], learned=4_000).learned_guard_ms == 5_000
 
 
 def test_a_refusal_at_the_start_after_a_minute_that_was_not_full_is_below_the_cap():
