@@ -7,7 +7,7 @@ from django.db.models import Count, F, Q
 from django.forms.models import BaseInlineFormSet
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from simple_history.admin import SimpleHistoryAdmin
 
 from .models import Customer, ProviderAccount, SendLimit, Suppression
@@ -89,7 +89,7 @@ class ProviderAccountAdmin(admin.ModelAdmin):
     list_filter = ("kind",)
     search_fields = ("name",)
     ordering = ("name",)
-    readonly_fields = ("stored_credentials", "created_at", "updated_at")
+    readonly_fields = ("stored_credentials", "sharing", "created_at", "updated_at")
 
     def get_fieldsets(self, request, obj=None):
         credentials = ["new_credentials"]
@@ -98,6 +98,7 @@ class ProviderAccountAdmin(admin.ModelAdmin):
         return [
             (None, {"fields": ["name", "kind", "per_minute_cap", "settings"]}),
             ("Credentials", {"fields": credentials}),
+            ("Customers", {"fields": ["sharing"]}),
             ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
         ]
 
@@ -107,6 +108,28 @@ class ProviderAccountAdmin(admin.ModelAdmin):
     @admin.display(description="Customers", ordering="n_customers")
     def customer_count(self, obj):
         return obj.n_customers
+
+    @admin.display(description="Customers sending through it")
+    def sharing(self, obj):
+        """Each customer's own limit and their sum against the account's cap: pacing holds the
+        cap across all of them (docs/pacing.md, "Shared provider accounts")."""
+        limits = list(
+            SendLimit.objects.filter(customer__provider_account=obj)
+            .select_related("customer")
+            .order_by("customer__name")
+        )
+        if not limits:
+            return "None yet."
+        combined = sum(limit.per_minute for limit in limits)
+        rows = format_html_join(
+            "", "<li>{} — {}/min</li>", ((x.customer.name, x.per_minute) for x in limits)
+        )
+        note = f"Combined {combined}/min against a cap of {obj.per_minute_cap}/min: " + (
+            "while several have backlog each gets at least an equal share of the cap."
+            if combined > obj.per_minute_cap
+            else "within the cap."
+        )
+        return format_html("<ul>{}</ul><p>{}</p>", rows, note)
 
     @admin.display(description="Stored credentials")
     def stored_credentials(self, obj):

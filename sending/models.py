@@ -334,4 +334,4 @@ class CustomerPacing(models.Model):
         verbose_name_plural = "customer pacing"
 
     def __str__(self):
-        return f"pacing of {self.customer_id}"
+        return f"pacing of {self.customer}"
