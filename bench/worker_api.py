@@ -19,7 +19,9 @@ Phases
    loop: check in -> on "send" report every recipient as sent at once (no sleeping; the report
    says the batch took ``batch / NOMINAL_WORKER_RATE`` seconds, so pacing sees a worker of that
    throughput), on "wait" sleep ``wait_ms``, on "stop" register a new worker and go on.
-   ``WARMUP_S`` then ``DURATION_S`` seconds, or until the backlog is gone.
+   ``WARMUP_S`` then ``DURATION_S`` seconds, or until the backlog is gone. The two customers
+   share one provider account (capped at 1,000,000/min), so their check-ins take the account's
+   lock as well as their own; ``BENCH_ACCOUNTS=separate`` gives each its own account instead.
 2. Raw SQL: the same four threads, two customers, each on its own DB connection; each
    iteration is one transaction: ``queue.claim(limit=500)`` then ``queue.record(500 SENT)``.
 3. Naive ORM: the same threads; each iteration is one transaction:
@@ -116,16 +118,21 @@ def _configure_environment() -> str:
 
 
 def _create_customers(run_id: str) -> list[int]:
+    """The customers share one provider account (paced together under its lock), or, with
+    ``BENCH_ACCOUNTS=separate`` in the environment, each has its own."""
     from customers.models import Customer, ProviderAccount, SendLimit
 
-    account = ProviderAccount.objects.create(
-        name=f"{SLUG_PREFIX}{run_id}",
-        kind=ProviderAccount.Kind.SANDBOX,
-        credentials={"api_key": "bench-not-a-secret"},
-        per_minute_cap=1_000_000,
-    )
+    separate = os.environ.get("BENCH_ACCOUNTS", "shared") == "separate"
+    account = None
     ids = []
     for i in range(CUSTOMERS):
+        if account is None or separate:
+            account = ProviderAccount.objects.create(
+                name=f"{SLUG_PREFIX}{run_id}" + (f"-{i}" if separate else ""),
+                kind=ProviderAccount.Kind.SANDBOX,
+                credentials={"api_key": "bench-not-a-secret"},
+                per_minute_cap=1_000_000,
+            )
         slug = f"{SLUG_PREFIX}{run_id}-{i}"
         customer = Customer.objects.create(
             name=slug,
