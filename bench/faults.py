@@ -16,7 +16,9 @@ Keys added to the JSON (besides bench.e2e's), all read at the provider and in th
 
 - ``refused``: 429 answers (the sandbox's cap refusals plus injected 429s);
 - ``db_disagrees``: recipients the provider received whose final status is neither ``sent`` nor
-  ``unknown``, plus recipients ``sent`` in the database that the provider never received;
+  ``unknown`` (nor ``leased``: still in flight when a run hits its time limit), plus recipients
+  ``sent`` in the database that the provider never received; ``received_by_db_status`` and
+  ``sent_not_received`` break it down;
 - ``unknown``: recipients ``unknown`` at the end;
 - ``unanswered``: sends whose answer the sandbox held past the send timeout (``slow`` only);
 - ``accepted_over_cap_minutes``: account-minutes in which the provider ACCEPTED more than the
@@ -141,8 +143,12 @@ def fault_keys(
     keys = {c.api_key for c in customers}
     refused = sum(sum(m.values()) for k, m in report.get("throttled", {}).items() if k in keys)
     refused += int(report.get("faults", {}).get("429", 0))
-    disagree = sum(1 for rid in received if rid in statuses and statuses[rid] not in _RECEIVED)
-    disagree += sum(1 for rid, s in statuses.items() if s == "sent" and rid not in received)
+    # A recipient still leased at the end (a run stopped by its time limit) is in flight, not
+    # in disagreement: counted apart.
+    received_as = Counter(statuses[rid] for rid in received if rid in statuses)
+    disagree = sum(n for s, n in received_as.items() if s not in (*_RECEIVED, "leased"))
+    sent_not_received = sum(1 for rid, s in statuses.items() if s == "sent" and rid not in received)
+    disagree += sent_not_received
     late = sum(n for k, n in report.get("late", {}).items() if k in keys)
     caps = {c.api_key: scenario.shared_cap or c.cap for c in customers}
     over = sum(
@@ -158,6 +164,8 @@ def fault_keys(
         "unknown": sum(1 for s in statuses.values() if s == "unknown"),
         "unanswered": late if scenario.name == "slow" else 0,
         "accepted_over_cap_minutes": over,
+        "received_by_db_status": dict(received_as),
+        "sent_not_received": sent_not_received,
     }
 
 
