@@ -975,8 +975,20 @@ def main(argv: list[str] | None = None) -> int:
         default=BACKLOG_FACTOR,
         help="recipients per customer = factor x its per-minute limit",
     )
+    parser.add_argument(
+        "--cap-scale",
+        type=float,
+        default=1.0,
+        help="scale the three customers' caps (and batch sizes) by this factor, e.g. 0.1",
+    )
     args = parser.parse_args(argv)
-    fault = faults.scenario(args.scenario, CUSTOMERS) if args.scenario else None
+    if args.cap_scale != 1.0 and not args.scenario:
+        parser.error("--cap-scale needs --scenario (the baseline's Celery tasks are per cap)")
+    specs = CUSTOMERS
+    if args.cap_scale != 1.0:
+        scaled = [(max(1, round(cap * args.cap_scale)), batch) for _, cap, batch in CUSTOMERS]
+        specs = [(f"cap{cap}", cap, max(1, min(batch, cap // 6))) for cap, batch in scaled]
+    fault = faults.scenario(args.scenario, specs) if args.scenario else None
     max_workers = [int(n) for n in args.max_workers.split(",")]
     if len(max_workers) == 1:
         max_workers *= len(CUSTOMERS)
@@ -1012,13 +1024,18 @@ def main(argv: list[str] | None = None) -> int:
             "ours",
             sandbox_port,
             max_workers,
-            specs=fault.customers if fault else None,
+            specs=fault.customers if fault else specs,
             shared_cap=fault.shared_cap if fault else None,
             backlog_factor=args.backlog_factor,
         )
         if fault is None:
             base = _create_run(
-                run_id, "base", sandbox_port, max_workers, backlog_factor=args.backlog_factor
+                run_id,
+                "base",
+                sandbox_port,
+                max_workers,
+                specs=specs,
+                backlog_factor=args.backlog_factor,
             )
         caps = {c.api_key: (fault and fault.shared_cap) or c.cap for c in ours + base}
         sandbox = Proc(
@@ -1131,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": CONCURRENCY,
             "guard_ms": GUARD_MS,
             "backlog_factor": args.backlog_factor,
+            "cap_scale": args.cap_scale,
             "time_limit_s": args.time_limit_s,
             "send_window_ms": WINDOW_MS,
             "worker_runtime": "local/process",
