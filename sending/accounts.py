@@ -67,10 +67,7 @@ def standing(customer_id: int, *, lock: bool) -> Standing:
         cursor.execute(sql, [customer_id])
         row = cursor.fetchone()
         account_id, cap, sharers, guard, guard_at, hold, est_minute, estimate = row or (None,) * 8
-        if lock and sharers and sharers > 1 and connection.vendor == "postgresql":
-            # NO KEY UPDATE: customers may still be added to (FK-reference) the account meanwhile.
-            cursor.execute(f"SELECT id FROM {a} WHERE id = %s FOR NO KEY UPDATE", [account_id])  # noqa: S608
-    return Standing(
+    standing = Standing(
         account_id=account_id,
         account_cap=cap,
         sharers=sharers or 0,
@@ -80,13 +77,34 @@ def standing(customer_id: int, *, lock: bool) -> Standing:
         estimate_minute_ms=_ms(est_minute),
         cap_estimate=estimate,
     )
+    if lock:
+        lock_account(standing)
+    return standing
+
+
+def lock_account(standing: Standing) -> None:
+    """Lock a shared account's row until the transaction ends (after the customer's SendLimit
+    lock): the grants of all its customers are then serialized. Nothing for an account of one."""
+    if standing.shared and connection.vendor == "postgresql":
+        # NO KEY UPDATE: customers may still be added to (FK-reference) the account meanwhile.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT id FROM {ProviderAccount._meta.db_table} WHERE id = %s"  # noqa: S608
+                " FOR NO KEY UPDATE",
+                [standing.account_id],
+            )
 
 
 def members(
     *, account_id: int, minute_start: datetime, window_ms: int
 ) -> tuple[list[throttle.Member], int | None]:
     """Every customer of the account as its minute sees it, and the lowest cap estimate any of
-    them learned for this minute (None: none), in one statement."""
+    them learned for this minute (None: none), in one statement.
+
+    Backlog is looked for past each message's claim cursor only: the claim index's entries
+    behind it are claimed rows (dead until vacuum) that an EXISTS from the start would walk on
+    every check-in. A customer whose only queued recipients were handed back behind its cursor
+    (the last of a send) counts as without backlog: its share is then anyone's."""
     previous = minute_start - timedelta(milliseconds=window_ms)
     adapt = connection.ops.adapt_datetimefield_value
     sql = f"""
@@ -97,7 +115,7 @@ def members(
                   AND l.may_cross = %s),
                EXISTS (SELECT 1 FROM {Message._meta.db_table} msg
                        JOIN {Recipient._meta.db_table} r
-                         ON r.message_id = msg.id AND r.status = %s
+                         ON r.message_id = msg.id AND r.status = %s AND r.id > msg.claim_after
                        WHERE msg.customer_id = c.id AND msg.status = %s),
                CASE WHEN p.estimate_minute = %s THEN p.cap_estimate END
         FROM {Customer._meta.db_table} c

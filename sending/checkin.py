@@ -6,10 +6,10 @@ Per check-in, in this order:
 3. claim ahead: decide on an unlocked read and claim that many recipients (`queue.Ahead`,
    FOR UPDATE SKIP LOCKED, oldest-started message first);
 4. the customer's SendLimit row (FOR UPDATE, `ledger.lock_limits`): serializes the customer's
-   budget accounting, so concurrent check-ins can never grant the same minute's budget twice;
-   then, if its provider account is shared, the account's row (`accounts.standing`), which does
-   the same for all the account's customers together.
-   Under them: settle the reported lease's minute, judge its refusals (`accounts.learn`),
+   budget accounting, so concurrent check-ins can never grant the same minute's budget twice.
+   Under it: settle the reported lease's minute and judge its refusals (`accounts.learn`); then,
+   if its provider account is shared, lock the account's row (`accounts.lock_account`), which
+   does for all the account's customers together what the SendLimit lock does for one;
    `pacing.decide` on fresh rows, charge the grant, and give back what it does not grant of the
    claim (or claim the rest, if it grants more).
 After the commit, the messages' claim cursors are moved (`queue.move_cursors`).
@@ -71,7 +71,7 @@ def checkin(
             ahead = _claim_ahead(worker=worker, clock=fixed_clock or Clock.read())
 
         limits = ledger.lock_limits(worker.customer_id)
-        standing = accounts.standing(worker.customer_id, lock=True)
+        standing = accounts.standing(worker.customer_id, lock=False)
         # The time of the decision is read once the locks are held, so a wait for them does not
         # make it stale (the worker also anchors the window's end at its request).
         clock = fixed_clock or Clock.read()
@@ -89,6 +89,8 @@ def checkin(
         if request.final:
             answer = wire.stop("final check-in")
         elif worker.is_live:
+            # Taken as late as it can be: the account's other customers queue behind it.
+            accounts.lock_account(standing)
             answer = _decide(
                 worker=worker, limits=limits, standing=standing, clock=clock, ahead=ahead
             )
