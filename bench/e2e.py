@@ -71,6 +71,17 @@ Measurements (at the sandbox: ``GET /_sandbox/report``, per API key, per calenda
 
 The last line of output is one JSON object with those keys, ``baseline`` (the same keys for the
 baseline run), ``elapsed_s``, ``settings`` and the load average seen.
+
+Fault scenarios
+---------------
+``--scenario slow|clock-behind|storm|shared`` runs ours only (no baseline) with the provider
+misbehaving as bench/faults.py describes, and adds its keys (``refused``, ``db_disagrees``,
+``unknown``, ``unanswered``, ``accepted_over_cap_minutes``; ``shared``: ``share_min``,
+``share_max``, ``account_utilization_min``). In a scenario run each customer's per-minute counts
+come from the sandbox's list of sends (by recipient domain), so customers sharing one key are
+counted apart, and ``over_cap_minutes`` counts each account (key) once. ``--backlog-factor``
+shortens a run (recipients = factor x per-minute limit; below 4.5 a run may see fewer than three
+full minutes).
 """
 
 from __future__ import annotations
@@ -96,7 +107,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from bench import burst
+from bench import burst, faults
 from bench.support import delete_customers, ensure_database
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -409,9 +420,17 @@ class Customer:
 
 
 def _create_run(
-    run_id: str, phase: str, sandbox_port: int, max_workers: list[int]
+    run_id: str,
+    phase: str,
+    sandbox_port: int,
+    max_workers: list[int],
+    *,
+    specs: list[tuple[str, int, int]] | None = None,
+    shared_cap: int | None = None,
+    backlog_factor: float = BACKLOG_FACTOR,
 ) -> list[Customer]:
-    """Customers with their own sandbox account and key, SendLimit, and a draft message."""
+    """Customers with their own sandbox account and key (or, with ``shared_cap``, all on one
+    account with that cap), SendLimit, and a draft message."""
     from django.db import connection
 
     from customers.models import Customer as CustomerModel
@@ -419,16 +438,22 @@ def _create_run(
     from sending.models import Message
 
     made = []
-    for (label, cap, batch_size), workers in zip(CUSTOMERS, max_workers, strict=True):
+    shared = None
+    for (label, cap, batch_size), workers in zip(specs or CUSTOMERS, max_workers, strict=True):
         slug = f"{SLUG_PREFIX}{run_id}-{phase}-{label}"
-        spec = Customer(label, cap, batch_size, api_key=f"{slug}-key")
-        account = ProviderAccount.objects.create(
-            name=slug,
-            kind=ProviderAccount.Kind.SANDBOX,
-            settings={"api_url": f"http://127.0.0.1:{sandbox_port}/"},
-            credentials={"api_key": spec.api_key},
-            per_minute_cap=cap,
-        )
+        if shared is not None:
+            account = shared
+        else:
+            account = ProviderAccount.objects.create(
+                name=slug,
+                kind=ProviderAccount.Kind.SANDBOX,
+                settings={"api_url": f"http://127.0.0.1:{sandbox_port}/"},
+                credentials={"api_key": f"{slug}-key"},
+                per_minute_cap=shared_cap or cap,
+            )
+            if shared_cap is not None:
+                shared = account
+        spec = Customer(label, cap, batch_size, api_key=account.credentials["api_key"])
         customer = CustomerModel.objects.create(
             name=slug, slug=slug, default_from_email=f"news@{label}.example",
             provider_account=account,
@@ -447,7 +472,7 @@ def _create_run(
             text_body="Hello {{ first_name }}, this is the end-to-end benchmark.",
             html_body="<p>Hello {{ first_name }}, this is the end-to-end benchmark.</p>",
         )
-        n = int(cap * BACKLOG_FACTOR)
+        n = int(cap * backlog_factor)
         with connection.cursor() as cursor:
             cursor.execute(
                 """
@@ -471,6 +496,14 @@ def _create_run(
 def _cleanup(prefix: str = SLUG_PREFIX) -> None:
     """Delete the bench's rows: one run's (its slug prefix), or every bench run's (stale)."""
     delete_customers(slug_prefix=prefix, account_prefix=SLUG_PREFIX)
+
+
+def _final_statuses(customers: list[Customer]) -> dict[int, str]:
+    """Each recipient's final status, by id (one statement)."""
+    from sending.models import Recipient
+
+    rows = Recipient.objects.filter(message_id__in=[c.message_id for c in customers])
+    return dict(rows.values_list("id", "status"))
 
 
 def _status_counts(message_ids: list[int]) -> dict[int, dict[str, int]]:
@@ -551,7 +584,15 @@ class Sampler:
 # --- measuring --------------------------------------------------------------------------------
 
 
-def measure(customers: list[Customer], report: dict, sampler: Sampler, final_counts: dict) -> dict:
+def measure(
+    customers: list[Customer],
+    report: dict,
+    sampler: Sampler,
+    final_counts: dict,
+    by_label: dict[str, dict[str, int]] | None = None,
+) -> dict:
+    """``by_label``: accepted per customer and minute counted apart from the sandbox's sends
+    (customers may share a key); then ``over_cap_minutes`` counts each key once."""
     accepted = report.get("accepted_per_minute", {})
     throttled = report.get("throttled", {})
     over = report.get("over_cap_minutes", {})
@@ -564,11 +605,17 @@ def measure(customers: list[Customer], report: dict, sampler: Sampler, final_cou
     }
     details: dict = {}
     utils = []
+    keys_seen: set[str] = set()
     for c in customers:
-        minutes = dict(sorted(accepted.get(c.api_key, {}).items()))
+        if by_label is not None:
+            minutes = dict(sorted(by_label.get(c.label, {}).items()))
+        else:
+            minutes = dict(sorted(accepted.get(c.api_key, {}).items()))
         result["per_minute"][c.label] = minutes
-        result["over_cap_minutes"] += len(over.get(c.api_key, {}))
-        result["duplicates"] += int(report.get("duplicates", {}).get(c.api_key, 0))
+        if by_label is None or c.api_key not in keys_seen:
+            result["over_cap_minutes"] += len(over.get(c.api_key, {}))
+            result["duplicates"] += int(report.get("duplicates", {}).get(c.api_key, 0))
+        keys_seen.add(c.api_key)
         counts = final_counts.get(c.message_id, {})
         result["lost"] += counts.get("queued", 0) + counts.get("leased", 0)
         keys = list(minutes)
@@ -695,7 +742,9 @@ def _worker_stats(customers: list[Customer]) -> dict:
 # --- the two runs -----------------------------------------------------------------------------
 
 
-def run_ours(customers: list[Customer], api_port: int, time_limit_s: float, procs: list) -> dict:
+def run_ours(
+    customers: list[Customer], api_port: int, time_limit_s: float, procs: list, on_start=None
+) -> dict:
     from sending import services
     from sending.models import Message
 
@@ -732,6 +781,8 @@ def run_ours(customers: list[Customer], api_port: int, time_limit_s: float, proc
     time.sleep(1.0)
     t0 = time.monotonic()
     started_at = time.time()
+    if on_start is not None:
+        on_start()
     for c in customers:
         services.message_start(message_id=c.message_id)
     print(
@@ -921,7 +972,32 @@ def main(argv: list[str] | None = None) -> int:
         default=str(MAX_WORKERS),
         help="SendLimit.max_workers: one number, or one per customer (e.g. 1,1,2)",
     )
+    parser.add_argument(
+        "--scenario",
+        choices=faults.SCENARIOS,
+        default=None,
+        help="a fault scenario (bench/faults.py); runs ours only",
+    )
+    parser.add_argument(
+        "--backlog-factor",
+        type=float,
+        default=BACKLOG_FACTOR,
+        help="recipients per customer = factor x its per-minute limit",
+    )
+    parser.add_argument(
+        "--cap-scale",
+        type=float,
+        default=1.0,
+        help="scale the three customers' caps (and batch sizes) by this factor, e.g. 0.1",
+    )
     args = parser.parse_args(argv)
+    if args.cap_scale != 1.0 and not args.scenario:
+        parser.error("--cap-scale needs --scenario (the baseline's Celery tasks are per cap)")
+    specs = CUSTOMERS
+    if args.cap_scale != 1.0:
+        scaled = [(max(1, round(cap * args.cap_scale)), batch) for _, cap, batch in CUSTOMERS]
+        specs = [(f"cap{cap}", cap, max(1, min(batch, cap // 6))) for cap, batch in scaled]
+    fault = faults.scenario(args.scenario, specs) if args.scenario else None
     max_workers = [int(n) for n in args.max_workers.split(",")]
     if len(max_workers) == 1:
         max_workers *= len(CUSTOMERS)
@@ -952,20 +1028,44 @@ def main(argv: list[str] | None = None) -> int:
     ours: list[Customer] = []
     base: list[Customer] = []
     try:
-        ours = _create_run(run_id, "ours", sandbox_port, max_workers)
-        base = _create_run(run_id, "base", sandbox_port, max_workers)
-        bursts = (
-            _create_run(run_id, "burst", sandbox_port, max_workers) if args.burst_baseline else []
+        ours = _create_run(
+            run_id,
+            "ours",
+            sandbox_port,
+            max_workers,
+            specs=fault.customers if fault else specs,
+            shared_cap=fault.shared_cap if fault else None,
+            backlog_factor=args.backlog_factor,
         )
-        caps = [f"{c.api_key}={c.cap}" for c in ours + base + bursts]
+        if fault is None:
+            base = _create_run(
+                run_id,
+                "base",
+                sandbox_port,
+                max_workers,
+                specs=specs,
+                backlog_factor=args.backlog_factor,
+            )
+        bursts = (
+            _create_run(run_id, "burst", sandbox_port, max_workers, specs=specs)
+            if args.burst_baseline and fault is None
+            else []
+        )
+        caps = {c.api_key: (fault and fault.shared_cap) or c.cap for c in ours + base + bursts}
         sandbox = Proc(
             "sandbox",
             [sys.executable, "-m", "sending.sandbox", "--port", str(sandbox_port)]
-            + [arg for cap in caps for arg in ("--cap", cap)]
-            + (burst.SANDBOX_ARGS if args.burst_baseline else []),
+            + [arg for key, cap in caps.items() for arg in ("--cap", f"{key}={cap}")]
+            + (fault.sandbox_args if fault else [])
+            + (burst.SANDBOX_ARGS if bursts else []),
         )
         procs.append(sandbox)
         _wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/report", sandbox)
+        if fault is not None:
+            from django.conf import settings
+
+            fault.prepare(sandbox_port, settings.SEND_TIMEOUT_MS)
+            print(f"bench.e2e: scenario {fault.name}", flush=True)
         print(
             "bench.e2e: customers "
             + ", ".join(f"{c.label} ({c.recipients} recipients)" for c in ours)
@@ -973,14 +1073,31 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-        ours_run = run_ours(ours, api_port, args.time_limit_s, procs)
+        on_start = (lambda: fault.start(sandbox_port, WINDOW_MS)) if fault else None
+        ours_run = run_ours(ours, api_port, args.time_limit_s, procs, on_start=on_start)
         loads["after_ours"] = _load()
         report = report_ours = _sandbox_report(sandbox_port)
-        ours_measured = measure(ours, report, ours_run["sampler"], ours_run["final_counts"])
+        fault_out: dict = {}
+        by_label = None
+        if fault is not None:
+            sends = faults.sandbox_sends(sandbox_port)
+            by_label = faults.per_customer_minutes(ours, sends, minute_key)
+            fault_out = faults.fault_keys(
+                scenario=fault,
+                customers=ours,
+                report=report,
+                sends=sends,
+                statuses=_final_statuses(ours),
+            )
+        ours_measured = measure(
+            ours, report, ours_run["sampler"], ours_run["final_counts"], by_label=by_label
+        )
+        if fault is not None:
+            fault_out.update(faults.shared_keys(scenario=fault, details=ours_measured["details"]))
 
         base_run = None
         base_measured = None
-        if not args.skip_baseline:
+        if not args.skip_baseline and fault is None:
             duration = min(ours_run["elapsed_s"], args.time_limit_s)
             base_run = run_baseline(base, duration, procs, pool=args.baseline_pool)
             loads["after_baseline"] = _load()
@@ -988,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
             base_measured = measure(base, report, base_run["sampler"], base_run["final_counts"])
 
         burst_run = None
-        if args.burst_baseline:
+        if bursts:
             duration = min(ours_run["elapsed_s"], args.time_limit_s)
             burst_run = burst.run(bursts, duration, procs, sandbox_port)
 
@@ -1022,6 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
             if run is not None and run["sampler"].errors:
                 print(f"  {name} sampler errors: {run['sampler'].errors[:3]}")
         out = dict(ours_measured["result"])
+        out.update(fault_out)
+        out["scenario"] = fault.name if fault else None
         if burst_run is not None:
             out["burst"] = burst.print_beside(out, burst.refusals(ours, report_ours), burst_run)
         loads["end"] = _load()
@@ -1041,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "label": c.label,
                     "per_minute": c.cap,
-                    "per_minute_cap": c.cap,
+                    "per_minute_cap": (fault and fault.shared_cap) or c.cap,
                     "batch_size": c.batch_size,
                     "recipients": c.recipients,
                 }
@@ -1050,6 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_workers": dict(zip([c.label for c in ours], max_workers, strict=True)),
             "concurrency": CONCURRENCY,
             "guard_ms": GUARD_MS,
+            "backlog_factor": args.backlog_factor,
+            "cap_scale": args.cap_scale,
             "time_limit_s": args.time_limit_s,
             "send_window_ms": WINDOW_MS,
             "worker_runtime": "local/process",

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sending import pacing
+from sending import pacing, throttle
 
 LATENCY_SIGMA = math.log(10) / 2.326
 
@@ -325,9 +325,11 @@ class _Run:
             ledger=self.ledger(start),
             open_spill=self.open_size.get(start - self.window, 0),
             backlog=self.backlog,
-            worker=pacing.WorkerView(rate_per_s=worker.rate, throttled=throttled),
+            worker=pacing.WorkerView(rate_per_s=worker.rate),
             running_workers=self.running(),
             refunds_due_ms=min(due, default=None),
+            # A throttled worker backs off (sending/throttle.py: 1 s without a Retry-After).
+            hold_until_ms=now + throttle.BACKOFF_MS if throttled else None,
         )
         if isinstance(decision, pacing.Stop):
             self.stats["stops"] += 1

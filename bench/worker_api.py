@@ -19,7 +19,9 @@ Phases
    loop: check in -> on "send" report every recipient as sent at once (no sleeping; the report
    says the batch took ``batch / NOMINAL_WORKER_RATE`` seconds, so pacing sees a worker of that
    throughput), on "wait" sleep ``wait_ms``, on "stop" register a new worker and go on.
-   ``WARMUP_S`` then ``DURATION_S`` seconds, or until the backlog is gone.
+   ``WARMUP_S`` then ``DURATION_S`` seconds, or until the backlog is gone. Each customer has
+   its own provider account (capped at 1,000,000/min); ``BENCH_ACCOUNTS=shared`` puts them on one,
+   so their check-ins take the account's lock as well as their own.
 2. Raw SQL: the same four threads, two customers, each on its own DB connection; each
    iteration is one transaction: ``queue.claim(limit=500)`` then ``queue.record(500 SENT)``.
 3. Naive ORM: the same threads; each iteration is one transaction:
@@ -136,16 +138,21 @@ def _configure_environment() -> str:
 def _create_customers(
     run_id: str, *, count: int = CUSTOMERS, max_workers: int = WORKERS_PER_CUSTOMER
 ) -> list[int]:
+    """Each customer has its own provider account, or, with ``BENCH_ACCOUNTS=shared`` in the
+    environment, they all share one (paced together under its lock)."""
     from customers.models import Customer, ProviderAccount, SendLimit
 
-    account = ProviderAccount.objects.create(
-        name=f"{SLUG_PREFIX}{run_id}",
-        kind=ProviderAccount.Kind.SANDBOX,
-        credentials={"api_key": "bench-not-a-secret"},
-        per_minute_cap=1_000_000,
-    )
+    separate = os.environ.get("BENCH_ACCOUNTS", "separate") != "shared"
+    account = None
     ids = []
     for i in range(count):
+        if account is None or separate:
+            account = ProviderAccount.objects.create(
+                name=f"{SLUG_PREFIX}{run_id}" + (f"-{i}" if separate else ""),
+                kind=ProviderAccount.Kind.SANDBOX,
+                credentials={"api_key": "bench-not-a-secret"},
+                per_minute_cap=1_000_000,
+            )
         slug = f"{SLUG_PREFIX}{run_id}-{i}"
         customer = Customer.objects.create(
             name=slug,

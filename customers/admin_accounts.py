@@ -8,9 +8,10 @@ from django import forms
 from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.db.models import Count
+from django.utils.html import format_html, format_html_join
 
 from .admin_history import AuditedAdmin
-from .models import ProviderAccount, validate_credentials_ref
+from .models import ProviderAccount, SendLimit, validate_credentials_ref
 from .services import provider_account_save
 
 
@@ -106,7 +107,13 @@ class ProviderAccountAdmin(AuditedAdmin):
     list_filter = ("kind",)
     search_fields = ("name",)
     ordering = ("name",)
-    readonly_fields = ("stored_credentials", "credentials_changed_at", "created_at", "updated_at")
+    readonly_fields = (
+        "stored_credentials",
+        "credentials_changed_at",
+        "sharing",
+        "created_at",
+        "updated_at",
+    )
 
     def get_fieldsets(self, request, obj=None):
         credentials = ["new_credentials", "new_credentials_ref"]
@@ -121,6 +128,7 @@ class ProviderAccountAdmin(AuditedAdmin):
         return [
             (None, {"fields": ["name", "kind", "per_minute_cap", "settings"]}),
             ("Credentials", {"fields": credentials}),
+            ("Customers", {"fields": ["sharing"]}),
             ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
         ]
 
@@ -133,6 +141,28 @@ class ProviderAccountAdmin(AuditedAdmin):
     @admin.display(description="Customers", ordering="n_customers")
     def customer_count(self, obj):
         return obj.n_customers
+
+    @admin.display(description="Customers sending through it")
+    def sharing(self, obj):
+        """Each customer's own limit and their sum against the account's cap: pacing holds the
+        cap across all of them (docs/pacing.md, "Shared provider accounts")."""
+        limits = list(
+            SendLimit.objects.filter(customer__provider_account=obj)
+            .select_related("customer")
+            .order_by("customer__name")
+        )
+        if not limits:
+            return "None yet."
+        combined = sum(limit.per_minute for limit in limits)
+        rows = format_html_join(
+            "", "<li>{} — {}/min</li>", ((x.customer.name, x.per_minute) for x in limits)
+        )
+        note = f"Combined {combined}/min against a cap of {obj.per_minute_cap}/min: " + (
+            "while several have backlog each gets at least an equal share of the cap."
+            if combined > obj.per_minute_cap
+            else "within the cap."
+        )
+        return format_html("<ul>{}</ul><p>{}</p>", rows, note)
 
     @admin.display(description="Stored credentials")
     def stored_credentials(self, obj):

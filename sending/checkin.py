@@ -9,18 +9,24 @@ Per check-in, in this order:
    FOR UPDATE SKIP LOCKED, oldest-started message first);
 4. the customer's SendLimit row (FOR UPDATE, `ledger.lock_limits`): serializes the customer's
    budget accounting, so concurrent check-ins can never grant the same minute's budget twice.
-   Under it: settle the reported lease's minute, `pacing.decide` on fresh rows, charge the grant,
-   and give back what it does not grant of the claim (or claim the rest, if it grants more).
+   Under it: settle the reported lease's minute (and late reports' minutes) and judge its
+   refusals (`accounts.learn`); then, if its provider account is shared, lock the account's row
+   (`accounts.lock_account`), which does for all the account's customers together what the
+   SendLimit lock does for one; `pacing.decide` on fresh rows, charge the grant, and give back
+   what it does not grant of the claim (or claim the rest, if it grants more).
 After the commit, the messages' claim cursors are moved (`queue.move_cursors`), and completed
 messages that a late report gave queued recipients again are reopened (`queue.reopen_messages`).
-Every check-in locks in this order: its worker, the rows it claims, its customer. Reclaim locks
+Every check-in locks in this order: its worker, the rows it claims, its customer, its shared
+account. Reclaim locks
 the worker and then the customer too, and then only leased rows, which no claim holds.
 Everything the worker needs to send comes back in the answer; the worker never reads the database.
 """
 
+from dataclasses import replace
+
 from django.db import transaction
 
-from . import leases, ledger, pacing, queue, tokens, wire, workers
+from . import accounts, leases, ledger, pacing, queue, throttle, tokens, wire, workers
 from .clock import Clock, ms_to_datetime
 from .models import Worker
 
@@ -79,17 +85,31 @@ def checkin(
             ahead = _claim_ahead(worker=worker, clock=fixed_clock or Clock.read())
 
         limits = ledger.lock_limits(worker.customer_id)
+        standing = accounts.standing(worker.customer_id, lock=False)
         # The time of the decision is read once the locks are held, so a wait for them does not
         # make it stale (the worker also anchors the window's end at its request).
         clock = fixed_clock or Clock.read()
         if settlement is not None:
             ledger.apply_settlement(lease, settlement)
+            if settlement.throttled and accounts.learn(
+                customer_id=worker.customer_id,
+                lease=lease,
+                results=report.results,
+                standing=standing,
+                limits=limits,
+                now_ms=clock.now_ms,
+            ):
+                standing = accounts.standing(worker.customer_id, lock=False)
         for record in late_records:
             ledger.apply_settlement(record.lease, record.settlement)
         if request.final:
             answer = wire.stop("final check-in")
         elif worker.is_live:
-            answer = _decide(worker=worker, limits=limits, clock=clock, ahead=ahead)
+            # Taken as late as it can be: the account's other customers queue behind it.
+            accounts.lock_account(standing)
+            answer = _decide(
+                worker=worker, limits=limits, standing=standing, clock=clock, ahead=ahead
+            )
         else:
             answer = wire.stop(f"worker is {worker.state}")
 
@@ -151,20 +171,33 @@ def _claim_ahead(*, worker: Worker, clock: Clock) -> queue.Ahead:
     customer_id = worker.customer_id
     ahead = queue.Ahead(messages=queue.sending_messages(customer_id))
     limits = ledger.read_limits(customer_id)
+    standing = accounts.standing(customer_id, lock=False)
     minute_start = ms_to_datetime(pacing.minute_start(clock.now_ms, limits.window_ms))
     pool = ledger.read_pool(
         customer_id=customer_id, minute_start=minute_start, window_ms=limits.window_ms
     )
     # The backlog is not counted here: as many as can be granted is what the claim finds out.
     decision = _decision(
-        worker=worker, limits=limits, clock=clock, pool=pool, backlog=_UNCOUNTED_BACKLOG
+        worker=worker,
+        limits=limits,
+        standing=standing,
+        clock=clock,
+        pool=pool,
+        backlog=_UNCOUNTED_BACKLOG,
     )
     if isinstance(decision, pacing.Grant):
         ahead.claim(decision.size)
     return ahead
 
 
-def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue.Ahead) -> dict:
+def _decide(
+    *,
+    worker: Worker,
+    limits: pacing.Limits,
+    standing: accounts.Standing,
+    clock: Clock,
+    ahead: queue.Ahead,
+) -> dict:
     """The decision under the customer's lock, on fresh rows, and what follows from it."""
     customer_id = worker.customer_id
     minute_start = ms_to_datetime(pacing.minute_start(clock.now_ms, limits.window_ms))
@@ -179,7 +212,12 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue
         customer_id=customer_id, limits=limits, messages=ahead.messages, cursors=ahead.positions
     )
     decision = _decision(
-        worker=worker, limits=limits, clock=clock, pool=pool, backlog=backlog + len(ahead.claimed)
+        worker=worker,
+        limits=limits,
+        standing=standing,
+        clock=clock,
+        pool=pool,
+        backlog=backlog + len(ahead.claimed),
     )
     if isinstance(decision, pacing.Stop):
         ahead.give_back(0)
@@ -214,22 +252,39 @@ def _decide(*, worker: Worker, limits: pacing.Limits, clock: Clock, ahead: queue
 
 
 def _decision(
-    *, worker: Worker, limits: pacing.Limits, clock: Clock, pool: ledger.Pool, backlog: int
+    *,
+    worker: Worker,
+    limits: pacing.Limits,
+    standing: accounts.Standing,
+    clock: Clock,
+    pool: ledger.Pool,
+    backlog: int,
 ) -> pacing.Decision:
+    minute_ms = pool.ledger.minute_start_ms
+    limits = replace(limits, learned_guard_ms=standing.guard_ms(clock.now_ms, limits))
+    room = accounts.room(
+        standing=standing,
+        customer_id=worker.customer_id,
+        minute_start=ms_to_datetime(minute_ms),
+        window_ms=limits.window_ms,
+        used=pool.ledger.charged + pool.open_spill,
+    )
+    hold = standing.hold_until_ms
+    if hold is not None and hold > clock.now_ms:
+        # Workers come back from a back-off spread out, not all in the same millisecond.
+        hold += throttle.jitter_ms(worker.pk, minute_ms)
     return pacing.decide(
         now_ms=clock.now_ms,
         limits=limits,
         ledger=pool.ledger,
         open_spill=pool.open_spill,
         backlog=backlog,
-        # A throttled worker backs off for the rest of the minute it was throttled in.
         # A worker with no measured rate yet is taken to be as fast as its peers, the estimate the
         # conductor starts workers by: otherwise a new worker, assumed faster, could be retired as
         # surplus by the same numbers that made the conductor start it.
-        worker=pacing.WorkerView(
-            rate_per_s=worker.rate_per_s or pool.rate_per_s,
-            throttled=worker.throttled_minute == ms_to_datetime(pool.ledger.minute_start_ms),
-        ),
+        worker=pacing.WorkerView(rate_per_s=worker.rate_per_s or pool.rate_per_s),
         running_workers=pool.running,
         refunds_due_ms=pool.refunds_due_ms,
+        account_room=room,
+        hold_until_ms=hold,
     )

@@ -312,3 +312,31 @@ class ConductorLease(models.Model):
 
     def __str__(self):
         return f"conductor of {self.customer_id}: {self.holder or 'none'}"
+
+
+class CustomerPacing(models.Model):
+    """What pacing learned from a customer's provider refusals (sending/throttle.py): a wider
+    start guard (decaying), a back-off, this minute's lower cap, and why, for the operator."""
+
+    customer = models.OneToOneField(
+        Customer, on_delete=models.CASCADE, primary_key=True, related_name="pacing"
+    )
+    learned_guard_ms = models.PositiveIntegerField(
+        default=0, help_text="Start guard widening learned at the minute's edge (halves hourly)."
+    )
+    guard_learned_at = models.DateTimeField(null=True, blank=True)
+    hold_until = models.DateTimeField(
+        null=True, blank=True, help_text="Back-off after a refusal: no grant starts before it."
+    )
+    estimate_minute = models.DateTimeField(null=True, blank=True)
+    cap_estimate = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The cap for the rest of estimate_minute."
+    )
+    last_refusal_at = models.DateTimeField(null=True, blank=True)
+    last_refusal = models.CharField(max_length=500, blank=True, help_text="What pacing concluded.")
+
+    class Meta:
+        verbose_name_plural = "customer pacing"
+
+    def __str__(self):
+        return f"pacing of {self.customer}"

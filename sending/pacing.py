@@ -5,7 +5,10 @@ from the caller's rows, so every function is deterministic. `decide` grants a ba
 stop; `settle`, `settle_abandoned` and `apply_settlement` move budget between minutes;
 `workers_needed` sizes the pool. docs/pacing.md holds the budget rules, the assumptions (A1-A6)
 and the argument that no minute goes over the cap. One concept, kept in one module (a little over
-400 lines): decide and settle share the terms the argument is made in.
+400 lines): decide and settle share the terms the argument is made in. What refusals teach (a
+wider start guard, a back-off, a lower cap for a minute) and a shared account's split are in
+`sending.throttle`; they reach `decide` as `Limits.learned_guard_ms`, `hold_until_ms` and
+`account_room`, which only ever delay a start or lower a budget.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class Limits:
     window_ms: int = 60_000
     paused: bool = False
     spill_hold_ms: int = 5_000
+    # Start guard widening learned from refusals at the minute's edge (sending/throttle.py):
+    # starts are held until guard_ms + learned_guard_ms into the minute. Only ever later.
+    learned_guard_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.per_minute < 0:
@@ -69,6 +75,10 @@ class Limits:
             raise ValueError("guard_ms must be >= 0 and leave a window: 2 * guard_ms < window_ms")
         if self.spill_hold_ms < 0 or self.spill_hold_ms + self.guard_ms > self.window_ms:
             raise ValueError("spill_hold_ms + guard_ms must not exceed window_ms")
+        if self.learned_guard_ms < 0 or 2 * self.guard_ms + self.learned_guard_ms >= (
+            self.window_ms
+        ):
+            raise ValueError("learned_guard_ms must be >= 0 and leave a window")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +100,6 @@ class MinuteLedger:
 @dataclass(frozen=True, slots=True)
 class WorkerView:
     rate_per_s: float | None
-    throttled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +166,8 @@ def decide(
     worker: WorkerView,
     running_workers: int,
     refunds_due_ms: int | None = None,
+    account_room: int | None = None,
+    hold_until_ms: int | None = None,
 ) -> Decision:
     """Decide what a worker checking in at ``now_ms`` gets.
 
@@ -168,6 +179,10 @@ def decide(
     has reported by then (what it did not start is refunded) or it is reclaimed as lost (what was
     past its mark is refunded), and someone must be checking in to use the refund while the
     minute lasts.
+
+    ``account_room``: the most the customer's provider account lets it be granted now
+    (`throttle.account_room`; None: the account has no other customer and no lower estimate).
+    ``hold_until_ms``: a back-off after a refusal (`throttle.judge`): no grant starts before it.
     """
     if limits.paused:
         return Stop(PAUSED)
@@ -186,7 +201,7 @@ def decide(
     if ledger.minute_start_ms != start:
         raise ValueError(f"ledger is for minute {ledger.minute_start_ms}, now is in {start}")
     end = start + limits.window_ms
-    opens_at = start + limits.guard_ms
+    opens_at = start + limits.guard_ms + limits.learned_guard_ms
     closes_at = end - limits.guard_ms
     until_next_minute = Wait(end - now_ms)
 
@@ -194,9 +209,16 @@ def decide(
         # Trailing guard band: come back at the boundary; the grant made in the leading guard band
         # then tells the worker to start exactly when the next window opens.
         return until_next_minute
-    if worker.throttled or ledger.throttled > 0:
-        return until_next_minute
+    if hold_until_ms is not None and hold_until_ms > now_ms:
+        if hold_until_ms >= closes_at:
+            return until_next_minute
+        opens_at = max(opens_at, hold_until_ms)
+        if opens_at - now_ms > limits.guard_ms:
+            # Come back when the hold ends rather than holding a grant (and its recipients).
+            return Wait(opens_at - now_ms)
     budget = limits.per_minute - ledger.charged - max(open_spill, 0)
+    if account_room is not None:
+        budget = min(budget, account_room)
     if budget <= 0:
         if refunds_due_ms is not None:
             back_at = max(refunds_due_ms, now_ms) + RECLAIM_SLACK_MS

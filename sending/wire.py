@@ -57,6 +57,7 @@ class Result:
     permanent: bool = False
     error: str = ""
     done_ms: int | None = None  # when the provider's answer came, ms after the grant arrived
+    retry_after_ms: int | None = None  # throttled: the provider's Retry-After, when it gave one
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ def _result(raw: Any, index: int, problems: list[str], prefix: str = "report") -
         error = raw.get("error", "")
         permanent = raw.get("permanent", False)
         done_ms = raw.get("done_ms")
+        retry_after_ms = raw.get("retry_after_ms")
         if (
             type(recipient_id) is int
             and 1 <= recipient_id <= MAX_INT
@@ -137,9 +139,16 @@ def _result(raw: Any, index: int, problems: list[str], prefix: str = "report") -
             and (done_ms is None or (type(done_ms) is int and 0 <= done_ms <= MAX_INT))
             and (provider_id or outcome is not Outcome.SENT)
             and (done_ms is not None or outcome not in _NEED_DONE_MS)
+            and (retry_after_ms is None or (type(retry_after_ms) is int and retry_after_ms >= 0))
         ):
             return Result(
-                recipient_id, outcome, provider_id, permanent, error[:MAX_ERROR_CHARS], done_ms
+                recipient_id,
+                outcome,
+                provider_id,
+                permanent,
+                error[:MAX_ERROR_CHARS],
+                done_ms,
+                None if retry_after_ms is None else min(retry_after_ms, MAX_INT),
             )
     return _result_checked(raw, index, problems, prefix)
 
@@ -173,6 +182,13 @@ def _result_checked(
         isinstance(done_ms, bool) or not isinstance(done_ms, int) or not 0 <= done_ms <= MAX_INT
     ):
         problems.append(f"{where}done_ms: a non-negative 64-bit integer")
+    retry_after_ms = raw.get("retry_after_ms")
+    if retry_after_ms is not None and (
+        isinstance(retry_after_ms, bool)
+        or not isinstance(retry_after_ms, int)
+        or not 0 <= retry_after_ms <= MAX_INT
+    ):
+        problems.append(f"{where}retry_after_ms: a non-negative 64-bit integer")
     if outcome is Outcome.SENT and not provider_id:
         problems.append(f"{where}provider_id: required when status is sent")
     if outcome in (Outcome.SENT, Outcome.FAILED) and done_ms is None:
@@ -186,6 +202,7 @@ def _result_checked(
         permanent=permanent,
         error=error[:MAX_ERROR_CHARS],
         done_ms=done_ms,
+        retry_after_ms=retry_after_ms,
     )
 
 

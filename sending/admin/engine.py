@@ -1,4 +1,5 @@
-"""Read-only admin for the engine's tables: workers, leases, customer-minutes, conductor leases.
+"""Read-only admin for the engine's tables: workers, leases, customer-minutes, conductor leases,
+and what pacing learned from refusals (customer pacing).
 
 Made to answer "what happened to this send at 11:27?": every list filters by customer and
 state, drills down by date, and takes an exact minute (`?minute_start__exact=…` from the live
@@ -13,7 +14,9 @@ from django.contrib import admin
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from ..models import ConductorLease, CustomerMinute, Lease, Worker
+from .. import throttle
+from ..clock import Clock, datetime_to_ms
+from ..models import ConductorLease, CustomerMinute, CustomerPacing, Lease, Worker
 from .live_pages import customer_live_view, overview_view, steer_view
 
 
@@ -207,3 +210,31 @@ class ConductorLeaseAdmin(ReadOnlyAdmin):
     @admin.display(description="Live page")
     def live(self, obj):
         return live_link(obj.customer_id)
+
+
+@admin.register(CustomerPacing)
+class CustomerPacingAdmin(ReadOnlyAdmin):
+    """What pacing learned from the provider's refusals, and why (docs/pacing.md,
+    "Throttling"): the start guard widening in force now (it halves every hour without
+    refusals), the back-off, and the cap estimate of the minute it was learned in."""
+
+    list_display = ("customer", "guard_in_force", "cap_estimate", "last_refusal_at", "last_refusal")
+    list_filter = ("customer",)
+    ordering = ("-last_refusal_at",)
+    fields = (
+        "customer",
+        "guard_in_force",
+        "learned_guard_ms",
+        "guard_learned_at",
+        "hold_until",
+        "cap_estimate",
+        "estimate_minute",
+        "last_refusal_at",
+        "last_refusal",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="Guard widening now (ms)")
+    def guard_in_force(self, obj):
+        learned_at = None if obj.guard_learned_at is None else datetime_to_ms(obj.guard_learned_at)
+        return throttle.decayed_guard_ms(obj.learned_guard_ms, learned_at, Clock.read().now_ms)

@@ -14,8 +14,9 @@ In-process: `SandboxServer(port=0, caps={"k": 100}).start()`, then `.url`, `.rep
 Modules: books (caps, sends, duplicates, faults), server (HTTP), __main__ (the command).
 
 HTTP: POST /email, POST /email/batch (Postmark's shapes, token in X-Postmark-Server-Token);
-GET /_sandbox/report, POST /_sandbox/reset, POST /_sandbox/faults, POST /_sandbox/caps,
-POST /_sandbox/late {"fraction": 0.02, "delay_ms": 7000} (accept and record, then hold the answer).
+GET /_sandbox/report, GET /_sandbox/sends, POST /_sandbox/reset, POST /_sandbox/faults,
+POST /_sandbox/caps, POST /_sandbox/late {"fraction": 0.02, "delay_ms": 7000} (accept and record,
+then hold the answer).
 Standard library only, and quiet unless asked: `make run` may host it in its own process.
 """
 

@@ -1,5 +1,5 @@
 """The sandbox's HTTP server: Postmark's /email and /email/batch, and its control endpoints
-(/_sandbox/report, reset, faults, caps, late), served from a thread or in the foreground."""
+(/_sandbox/report, sends, reset, faults, caps, late), served from a thread or in the foreground."""
 
 from __future__ import annotations
 
@@ -58,8 +58,14 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def do_GET(self):
-        if self.path.split("?")[0] == "/_sandbox/report":
+        path = self.path.split("?")[0]
+        if path == "/_sandbox/report":
             self._reply(200, self.server.sandbox.report())
+        elif path == "/_sandbox/sends":
+            # Every accepted send (arrival on the sandbox clock, key, To, idempotency key): what
+            # a benchmark checks the database against.
+            sends = self.server.sandbox.sends
+            self._reply(200, [[s.arrived_ms, s.api_key, s.to, s.idempotency_key] for s in sends])
         else:
             self._reply(404, {"ErrorCode": 404, "Message": f"No such endpoint: {self.path}"})
 

@@ -355,8 +355,15 @@ class BatchSender:
             )
         except Throttled as exc:
             run.throttled.set()
-            run.finished(self.clock())
-            return {"id": rid, "status": "throttled", "error": exc.message}
+            done = self.clock()
+            run.finished(done)
+            # When it was refused, and the provider's Retry-After: pacing judges the refusal by
+            # them (sending/throttle.py).
+            result = {"id": rid, "status": "throttled", "error": exc.message,
+                      "done_ms": run.window.ms(done)}  # fmt: skip
+            if exc.retry_after is not None:
+                result["retry_after_ms"] = max(0, math.ceil(exc.retry_after * 1000))
+            return result
         except SendError as exc:
             done = self.clock()
             run.finished(done)

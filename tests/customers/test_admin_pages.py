@@ -15,6 +15,7 @@ from django_celery_beat.models import (
     SolarSchedule,
 )
 
+from sending.models import CustomerPacing
 from tests.factories import (
     ConductorLeaseFactory,
     CustomerFactory,
@@ -49,6 +50,9 @@ MAKERS = {
     "sending.Lease": LeaseFactory,
     "sending.CustomerMinute": CustomerMinuteFactory,
     "sending.ConductorLease": ConductorLeaseFactory,
+    "sending.CustomerPacing": lambda: CustomerPacing.objects.create(
+        customer=CustomerFactory(), learned_guard_ms=200, guard_learned_at=timezone.now()
+    ),
     "django_celery_beat.ClockedSchedule": lambda: ClockedSchedule.objects.create(
         clocked_time=timezone.now() + datetime.timedelta(days=1)
     ),

@@ -48,6 +48,8 @@ def check_in(
     worker: WorkerView = FAST,
     running_workers: int = 1,
     refunds_due_ms: int | None = None,
+    account_room: int | None = None,
+    hold_until_ms: int | None = None,
 ) -> pacing.Decision:
     start = pacing.minute_start(now_ms, limits.window_ms)
     return decide(
@@ -59,6 +61,8 @@ def check_in(
         worker=worker,
         running_workers=running_workers,
         refunds_due_ms=refunds_due_ms,
+        account_room=account_room,
+        hold_until_ms=hold_until_ms,
     )
 
 
@@ -161,11 +165,37 @@ def test_first_check_in_uses_the_assumed_rate():
     assert isinstance(decision, Grant) and decision.size == 9
 
 
-def test_throttled_worker_and_throttled_minute_back_off_until_the_next_minute():
-    throttled = WorkerView(rate_per_s=100.0, throttled=True)
-    assert check_in(MINUTE + 600, worker=throttled) == Wait(1_400)
-    ledger = MinuteLedger(minute_start_ms=MINUTE, throttled=1)
-    assert check_in(MINUTE + 600, ledger=ledger) == Wait(1_400)
+def test_a_throttled_minute_goes_on_granting():
+    # A refusal no longer stops the minute: what it teaches comes in as a hold, a learned guard
+    # or an account room (tests/sending/test_throttle.py).
+    ledger = MinuteLedger(minute_start_ms=MINUTE, throttled=8)
+    assert isinstance(check_in(MINUTE + 600, ledger=ledger), Grant)
+
+
+def test_a_hold_delays_the_start_or_sends_the_worker_away_until_it_ends():
+    soon = check_in(MINUTE + 600, hold_until_ms=MINUTE + 700)
+    assert isinstance(soon, Grant) and soon.start_in_ms == 100
+    assert check_in(MINUTE + 600, hold_until_ms=MINUTE + 1_000) == Wait(400)
+    # A hold past the window's end: come back next minute.
+    assert check_in(MINUTE + 600, hold_until_ms=MINUTE + 1_800) == Wait(1_400)
+    # A hold that is over changes nothing.
+    assert check_in(MINUTE + 600, hold_until_ms=MINUTE + 500) == check_in(MINUTE + 600)
+
+
+def test_a_learned_guard_opens_the_window_later_and_only_at_the_start():
+    limits = replace(LIMITS, learned_guard_ms=300)
+    decision = check_in(MINUTE, limits=limits)
+    assert isinstance(decision, Grant)
+    assert decision.start_in_ms == 550  # guard 250 + learned 300
+    assert decision.stop_starting_in_ms <= 2_000 - 250  # the end guard is unchanged
+    with pytest.raises(ValueError):
+        replace(LIMITS, learned_guard_ms=1_500)
+
+
+def test_account_room_caps_the_grant():
+    decision = check_in(MINUTE + 600, account_room=3)
+    assert isinstance(decision, Grant) and decision.size == 3
+    assert check_in(MINUTE + 600, account_room=0) == Wait(1_400)
 
 
 def test_ledger_of_another_minute_is_rejected():
@@ -445,7 +475,9 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
     def ledger(minute: int) -> MinuteLedger:
         return ledgers.get(minute) or MinuteLedger(minute_start_ms=minute)
 
-    def check_in_once(backlog: int, worker: WorkerView, running: int) -> bool:
+    def check_in_once(
+        backlog: int, worker: WorkerView, running: int, hold: int | None, room: int | None
+    ) -> bool:
         minute = pacing.minute_start(now, window)
         spill = pacing.open_spill(
             o.lease for o in open_leases if o.lease.minute_start_ms == minute - window
@@ -458,6 +490,8 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             backlog=backlog,
             worker=worker,
             running_workers=running,
+            hold_until_ms=None if hold is None else minute + hold,
+            account_room=room,
         )
         if isinstance(decision, Wait):
             assert decision.ms > 0
@@ -467,7 +501,11 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         assert decision.minute_start_ms == minute
         assert now + decision.minute_ends_in_ms == minute + window
         assert 0 <= decision.start_in_ms <= decision.stop_starting_in_ms
-        assert now + decision.start_in_ms >= minute + limits.guard_ms
+        assert now + decision.start_in_ms >= minute + limits.guard_ms + limits.learned_guard_ms
+        if hold is not None:
+            assert now + decision.start_in_ms >= minute + hold
+        if room is not None:
+            assert decision.size <= room
         assert now + decision.stop_starting_in_ms <= minute + window - limits.guard_ms
         ledgers[minute] = pacing.charge(ledger(minute), decision)
         charged = ledgers[minute].charged + spill
@@ -484,10 +522,12 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         if op == "advance":
             now += data.draw(st.integers(0, window + window // 2))
         elif op == "cap":
+            widest = window - 2 * limits.guard_ms - 1
             limits = replace(
                 limits,
                 per_minute=data.draw(st.integers(0, 80)),
                 batch_size=data.draw(st.integers(1, 30)),
+                learned_guard_ms=data.draw(st.integers(0, max(0, min(widest, window // 4)))),
             )
         elif op == "progress" and open_leases:
             # The worker declares a mark (never lower than one it sent before) and waits.
@@ -568,15 +608,16 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             # "fill": healthy workers check in until the minute's budget is gone, so that any
             # budget the ledger wrongly frees is granted again.
             for _ in range(1 if op == "check_in" else 10):
+                hold = room = None
                 if op == "check_in":
                     backlog = data.draw(st.integers(0, 500))
-                    worker = WorkerView(
-                        rate_per_s=data.draw(rates), throttled=data.draw(st.booleans())
-                    )
+                    worker = WorkerView(rate_per_s=data.draw(rates))
                     running = data.draw(st.integers(1, 6))
+                    hold = data.draw(st.none() | st.integers(0, window), label="hold")
+                    room = data.draw(st.none() | st.integers(-5, 80), label="room")
                 else:
                     backlog, worker, running = 500, WorkerView(rate_per_s=1_000.0), 1
-                if not check_in_once(backlog, worker, running):
+                if not check_in_once(backlog, worker, running, hold, room):
                     break
     # Leases never reported: worst case, everything was sent and may have crossed.
     for item in open_leases:
