@@ -49,6 +49,8 @@ SECRETS: dict[str, tuple[str, str]] = {
     "SECRET_KEY": ("AppSecretArn", "SECRET_KEY"),
     "SECRET_KEY_FALLBACKS": ("AppSecretArn", "SECRET_KEY_FALLBACKS"),
     "FIELD_ENCRYPTION_KEY": ("AppSecretArn", "FIELD_ENCRYPTION_KEY"),
+    "UNSUBSCRIBE_KEY": ("AppSecretArn", "UNSUBSCRIBE_KEY"),
+    "ANYMAIL_WEBHOOK_SECRET": ("AppSecretArn", "ANYMAIL_WEBHOOK_SECRET"),
     "DATABASE_PASSWORD": ("DatabaseSecretArn", "password"),
 }
 # Only the web task serves TLS itself, in the load-balancer-less setup.

@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "REDIS_URL": REDIS,
         "SECRET_KEY": Fernet.generate_key().decode() + "-image-test-secret-key",
         "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "UNSUBSCRIBE_KEY": Fernet.generate_key().decode(),
+        "ANYMAIL_WEBHOOK_SECRET": "provider:" + Fernet.generate_key().decode(),
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "HOST": "127.0.0.1",
         "PORT": str(args.port),

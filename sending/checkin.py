@@ -44,7 +44,7 @@ def checkin(
             answer = wire.stop("another invocation already runs as this worker")
             return {"api": wire.API_VERSION, "seq": request.seq, **answer, "token": token}
         if request.seq == worker.last_seq and worker.last_response is not None:
-            return {**_replay(worker.last_response), "token": token}
+            return {**_replay(worker.last_response, worker.customer_id), "token": token}
         if request.seq != worker.last_seq + 1:
             raise wire.Conflict(
                 f"seq {request.seq} is out of order: expected {worker.last_seq + 1}"
@@ -103,12 +103,12 @@ def _lock_worker(claims: tokens.WorkerClaims, worker_id: int) -> Worker:
     return worker
 
 
-def _replay(stored: dict) -> dict:
+def _replay(stored: dict, customer_id: int) -> dict:
     batch = stored.get("batch")
     if batch is None:
         return stored
     lease_ids = leases.recipient_ids_of(batch["lease_id"])
-    return wire.replay(stored, queue.in_order(lease_ids))
+    return wire.replay(stored, queue.in_order(lease_ids), customer_id=customer_id)
 
 
 def _note_report(worker: Worker, lease, report: wire.Report) -> None:

@@ -9,6 +9,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from django.conf import settings
+
+from customers import unsubscribe
 
 if TYPE_CHECKING:
     from customers.models import Customer
@@ -262,6 +265,7 @@ def batch(
 ) -> dict:
     """A "send" answer: everything the worker needs, so it never reads the database."""
     used = {r.message_id for r in recipients}
+    link = unsubscribe.url_maker()
     return {
         "decision": "send",
         "batch": {
@@ -283,6 +287,7 @@ def batch(
                     "message": r.message_id,
                     "to": r.email,
                     "merge": orjson.Fragment(r.merge_json),
+                    "unsubscribe_url": link(customer.pk, r.email),
                 }
                 for r in recipients
             ],
@@ -311,6 +316,7 @@ def message_payload(message: "Message") -> dict:
         "html": message.html_body,
         "from_email": message.from_email or customer.default_from_email,
         "reply_to": message.reply_to or customer.default_reply_to,
+        "unsubscribe_mailto": settings.UNSUBSCRIBE_MAILTO,
     }
 
 
@@ -324,12 +330,19 @@ def replayable(answer: dict) -> dict:
     return {**answer, "batch": {**sent, "recipients": None}}
 
 
-def replay(stored: dict, recipients: "list[Recipient]") -> dict:
+def replay(stored: dict, recipients: "list[Recipient]", *, customer_id: int) -> dict:
     """A stored answer made whole again with its lease's recipients, in lease order."""
     if stored.get("batch") is None:
         return stored
+    link = unsubscribe.url_maker()
     rows = [
-        {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
+        {
+            "id": r.id,
+            "message": r.message_id,
+            "to": r.email,
+            "merge": r.merge_data,
+            "unsubscribe_url": link(customer_id, r.email),
+        }
         for r in recipients
     ]
     return {**stored, "batch": {**stored["batch"], "recipients": rows}}

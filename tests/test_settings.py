@@ -12,6 +12,9 @@ PRODUCTION_ENV = {
     "DEBUG": "false",
     "SECRET_KEY": "x" * 20 + "-production-secret-key-with-enough-entropy-0123456789",
     "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    "UNSUBSCRIBE_KEY": "unsubscribe-links-key-" + "y" * 40,
+    "ANYMAIL_WEBHOOK_SECRET": "provider:webhook-secret-" + "z" * 30,
+    "PUBLIC_BASE_URL": "https://mail.emailops.example",
     "ALLOWED_HOSTS": "emailops.internal",
     "CSRF_TRUSTED_ORIGINS": "https://emailops.internal",
 }
@@ -41,7 +44,9 @@ def test_check_deploy_is_clean_with_production_values(tmp_path):
     assert "no issues" in result.stdout
 
 
-@pytest.mark.parametrize("missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY"])
+@pytest.mark.parametrize(
+    "missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY", "UNSUBSCRIBE_KEY", "ANYMAIL_WEBHOOK_SECRET"]
+)
 def test_production_refuses_to_start_without_its_secrets(tmp_path, missing):
     env = {**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)}
     env[missing] = ""
@@ -82,3 +87,11 @@ def test_the_engine_settings_have_their_defaults_without_the_environment(tmp_pat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert eval(result.stdout.strip()) == ENGINE_DEFAULTS  # noqa: S307 - our own repr of a dict
+
+
+def test_check_deploy_refuses_a_plain_http_public_url(tmp_path):
+    env = {**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)}
+    env["PUBLIC_BASE_URL"] = "http://mail.emailops.example"
+    result = _manage("check", "--deploy", env=env)
+    assert result.returncode != 0
+    assert "emailops.E010" in result.stderr + result.stdout
