@@ -230,6 +230,15 @@ class CustomerAdmin(admin.ModelAdmin):
         (None, {"fields": ["name", "slug", "is_active", "provider_account", "time_zone"]}),
         ("Sender", {"fields": ["default_from_email", "default_reply_to"]}),
         ("Alerts", {"fields": ["alert_email"]}),
+        (
+            "Automatic halt",
+            {
+                "fields": ["halt_bounce_percent", "halt_complaint_percent", "halt_window"],
+                "description": "A sending message pauses itself, and says why on its page, when "
+                "the providers report this many hard bounces or spam complaints among its last "
+                "sends.",
+            },
+        ),
         ("Notes", {"fields": ["notes"]}),
         ("Send limit history", {"fields": ["send_limit_changes"]}),
         ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),

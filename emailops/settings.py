@@ -81,6 +81,7 @@ INSTALLED_APPS = [
     "simple_history",
     "django_celery_beat",
     "csp",
+    "anymail",
     "channels",
     "emailops",
     "customers",
