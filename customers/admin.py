@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 from simple_history.admin import SimpleHistoryAdmin
 
-from .models import Customer, ProviderAccount, SendLimit, Suppression
+from .models import Customer, ProviderAccount, SendLimit
 from .services import send_limit_ensure, send_limit_fits_account
 
 SEND_LIMIT_FIELDS = ("per_minute", "max_workers", "batch_size", "concurrency", "guard_ms", "paused")
@@ -357,44 +357,5 @@ class SendLimitAdmin(SimpleHistoryAdmin):
         return super().history_form_view(request, object_id, version_id, extra_context)
 
 
-# Suppressions -----------------------------------------------------------------------------------
-
-
-class SuppressionForm(forms.ModelForm):
-    class Meta:
-        model = Suppression
-        fields = ["customer", "email", "reason", "source"]
-
-    def clean_email(self):
-        return self.cleaned_data["email"].strip().lower()
-
-    def clean(self):
-        cleaned = super().clean()
-        customer, email = cleaned.get("customer"), cleaned.get("email")
-        if customer and email:
-            duplicates = Suppression.objects.filter(customer=customer, email__iexact=email)
-            if self.instance.pk:
-                duplicates = duplicates.exclude(pk=self.instance.pk)
-            if duplicates.exists():
-                self.add_error("email", f"{email} is already suppressed for {customer}.")
-        return cleaned
-
-
-@admin.register(Suppression)
-class SuppressionAdmin(admin.ModelAdmin):
-    form = SuppressionForm
-    list_display = ("email", "customer", "reason", "source", "created_by", "created_at")
-    list_filter = ("reason", "customer")
-    list_select_related = ("customer", "created_by")
-    search_fields = ("email",)
-    search_help_text = "Search by email address (or part of one)."
-    date_hierarchy = "created_at"
-    ordering = ("-created_at",)
-    autocomplete_fields = ("customer",)
-    readonly_fields = ("created_by", "created_at")
-    list_per_page = 100
-
-    def save_model(self, request, obj, form, change):
-        if not change:
-            obj.created_by = request.user
-        super().save_model(request, obj, form, change)
+# Suppressions: customers/suppression_admin.py (imported here so that it registers).
+from . import suppression_admin  # noqa: E402, F401
