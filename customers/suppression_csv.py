@@ -92,7 +92,7 @@ def _write(chunk: list[Suppression]) -> int:
 
 
 def export_rows(queryset) -> Iterator[str]:
-    """CSV lines (header first) for the suppressions in `queryset`, streamed."""
+    """CSV lines (header first) for the suppressions in `queryset`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
 
