@@ -123,6 +123,8 @@ def main() -> int:
     os.environ["DEBUG"] = "false"
     os.environ.setdefault("SECRET_KEY", "bench-checkin-cpu-" + secrets.token_urlsafe(48))
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    os.environ.setdefault("UNSUBSCRIBE_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ANYMAIL_WEBHOOK_SECRET", "bench:" + secrets.token_urlsafe(24))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emailops.settings")
     import django
 
