@@ -15,8 +15,9 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Count
+from django.utils import timezone
 
 from customers import suppressions
 from customers.models import Suppression
@@ -91,7 +92,7 @@ def _event_id(event) -> str:
 
 
 def _find_recipient(event) -> dict | None:
-    fields = ("id", "message_id", "message__customer_id", "status")
+    fields = ("id", "message_id", "message__customer_id", "message__status", "status")
     rid = recipient_id_of(event)
     if rid is not None:
         row = Recipient.objects.filter(pk=rid).values(*fields).first()
@@ -106,28 +107,48 @@ def _find_recipient(event) -> dict | None:
     return None
 
 
+EVENT_COLUMNS = (
+    "esp", "event_id", "email", "event_type", "kind", "description", "customer_id", "message_id",
+    "recipient_id", "occurred_at", "received_at",
+)  # fmt: skip
+
+
+def _insert_new(values: dict) -> bool:
+    """Insert the event row unless its (esp, event_id, email) is stored already: one statement,
+    no savepoint. True if it is new."""
+    table = TrackingEvent._meta.db_table
+    marks = ", ".join(["%s"] * len(EVENT_COLUMNS))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(EVENT_COLUMNS)}) VALUES ({marks}) "  # noqa: S608
+            "ON CONFLICT DO NOTHING RETURNING id",
+            [values[column] for column in EVENT_COLUMNS],
+        )
+        return cursor.fetchone() is not None
+
+
 @transaction.atomic
 def record(event, *, esp_name: str) -> Outcome:
     """Store one anymail tracking event and act on it (see the module's docstring)."""
     email = (event.recipient or "").strip().lower()[:254]
     kind = kind_of(event, esp_name)
     found = _find_recipient(event)
-    row = TrackingEvent(
-        esp=esp_name[:30],
-        event_id=_event_id(event),
-        email=email,
-        event_type=str(event.event_type)[:20],
-        kind=kind,
-        description=str(event.description or "")[:255],
-        customer_id=found and found["message__customer_id"],
-        message_id=found and found["message_id"],
-        recipient_id=found and found["id"],
-        occurred_at=event.timestamp,
+    new = _insert_new(
+        {
+            "esp": esp_name[:30],
+            "event_id": _event_id(event),
+            "email": email,
+            "event_type": str(event.event_type)[:20],
+            "kind": kind,
+            "description": str(event.description or "")[:255],
+            "customer_id": found and found["message__customer_id"],
+            "message_id": found and found["message_id"],
+            "recipient_id": found and found["id"],
+            "occurred_at": event.timestamp,
+            "received_at": timezone.now(),
+        }
     )
-    try:
-        with transaction.atomic():
-            row.save(force_insert=True)
-    except IntegrityError:
+    if not new:
         return Outcome(new=False, kind=kind)  # seen before: a retry or a duplicate delivery
     if found is None:
         log.warning("%s %s event for %s names no recipient of ours", esp_name, kind, email)
@@ -144,12 +165,12 @@ def record(event, *, esp_name: str) -> Outcome:
                 customer_id=found["message__customer_id"],
                 emails=[email],
                 reason=reason,
-                source=f"{esp_name} webhook: {row.description}"[:200],
+                source=f"{esp_name} webhook: {event.description or ''}"[:200],
             )
         )
     settled = _settle(found, event.event_type, esp_name)
     halted = ""
-    if kind != TrackingEvent.Kind.OTHER:
+    if kind != TrackingEvent.Kind.OTHER and found["message__status"] == Message.Status.SENDING:
         halted = check_halt(message_id=found["message_id"])
     return Outcome(True, kind, found["id"], suppressed, settled, halted)
 
