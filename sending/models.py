@@ -29,7 +29,8 @@ class Message(models.Model):
     reply_to = models.EmailField(blank=True, help_text="Blank: the customer's default.")
     text_body = models.TextField(
         blank=True,
-        help_text="Plain text. Merge fields: {{ first_name }}; missing ones render empty.",
+        help_text="Plain text. Merge fields: {{ first_name }}; missing ones render empty. "
+        "{{ unsubscribe_url }} is the recipient's own one-click unsubscribe link.",
     )
     html_body = models.TextField(blank=True, help_text="HTML, autoescaped. Merge fields as above.")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)

@@ -116,3 +116,19 @@ def test_a_link_names_customer_and_address_not_the_recipient_row(db):
     token = make_token(customer_id=7, email=" Ada@Example.EDU ")
     link = read_token(token)
     assert (link.customer_id, link.email) == (7, "ada@example.edu")
+
+
+def test_the_admin_preview_shows_the_first_recipients_own_link(db, settings):
+    from sending.selectors import message_preview
+    from tests.factories import MessageFactory, RecipientFactory
+
+    settings.PUBLIC_BASE_URL = "https://mail.example"
+    message = MessageFactory(text_body="Leave: {{ unsubscribe_url }}")
+    RecipientFactory(message=message, email="ada@example.edu")
+
+    preview = message_preview(message=message)
+
+    url = preview.text.removeprefix("Leave: ")
+    assert url.startswith("https://mail.example/public/unsubscribe/")
+    token = urlsplit(url).path.split("/")[3]
+    assert read_token(token).email == "ada@example.edu"
