@@ -242,9 +242,6 @@ def _cleanup(customer_id: int) -> None:
 
 def _configure() -> dict:
     os.environ["ANYMAIL_WEBHOOK_SECRET"] = WEBHOOK_SECRET
-    # The site's views are sync: under ASGI each request runs in a thread of its own, and a
-    # persistent connection would outlive it (Django advises CONN_MAX_AGE=0 under ASGI).
-    os.environ["CONN_MAX_AGE"] = "0"
     os.environ.setdefault(
         "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/emailops_bench_deliver"
     )
