@@ -126,6 +126,8 @@ def main() -> int:
         "WORKER_TOKEN_KEY", "bench-checkin-cpu-tokens-" + secrets.token_urlsafe(48)
     )
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    os.environ.setdefault("UNSUBSCRIBE_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ANYMAIL_WEBHOOK_SECRET", "bench:" + secrets.token_urlsafe(24))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emailops.settings")
     import django
 

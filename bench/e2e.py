@@ -255,6 +255,8 @@ def _configure_environment() -> dict:
     os.environ.setdefault("SECRET_KEY", "bench-e2e-" + secrets.token_urlsafe(48))
     os.environ.setdefault("WORKER_TOKEN_KEY", "bench-e2e-tokens-" + secrets.token_urlsafe(48))
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    os.environ.setdefault("UNSUBSCRIBE_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ANYMAIL_WEBHOOK_SECRET", "bench:" + secrets.token_urlsafe(24))
     os.environ.update(
         {
             "DEBUG": "false",

@@ -233,6 +233,8 @@ def configure_environment(*, database_url: str, redis_url: str) -> dict:
     os.environ.setdefault("SECRET_KEY", "bench-fleet-" + secrets.token_urlsafe(48))
     os.environ.setdefault("WORKER_TOKEN_KEY", "bench-fleet-tokens-" + secrets.token_urlsafe(48))
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    os.environ.setdefault("UNSUBSCRIBE_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ANYMAIL_WEBHOOK_SECRET", "bench:" + secrets.token_urlsafe(24))
     os.environ.update(
         {
             "DATABASE_URL": database_url,

@@ -125,6 +125,8 @@ def _configure_environment() -> str:
         "WORKER_TOKEN_KEY", "bench-worker-api-tokens-" + secrets.token_urlsafe(48)
     )
     os.environ.setdefault("FIELD_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    os.environ.setdefault("UNSUBSCRIBE_KEY", secrets.token_urlsafe(48))
+    os.environ.setdefault("ANYMAIL_WEBHOOK_SECRET", "bench:" + secrets.token_urlsafe(24))
     os.environ["DEBUG"] = "false"
     os.environ["ALLOWED_HOSTS"] = "127.0.0.1"
     os.environ["SECURE_SSL_REDIRECT"] = "false"

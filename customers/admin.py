@@ -1,7 +1,6 @@
 """The customers' admin: customers with their one send limit inline (and its recent changes), send
 limits on their own pages (history kept), suppressions. Provider accounts: admin_accounts.py."""
 
-from django import forms
 from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.db.models import Count, F, Q
@@ -12,7 +11,7 @@ from django.utils.html import format_html
 
 from . import admin_accounts  # noqa: F401 - registers the provider accounts' admin
 from .admin_history import AuditedAdmin
-from .models import Customer, SendLimit, Suppression
+from .models import Customer, SendLimit
 from .services import send_limit_ensure, send_limit_fits_account
 
 SEND_LIMIT_FIELDS = ("per_minute", "max_workers", "batch_size", "concurrency", "guard_ms", "paused")
@@ -133,6 +132,15 @@ class CustomerAdmin(admin.ModelAdmin):
         (None, {"fields": ["name", "slug", "is_active", "provider_account", "time_zone"]}),
         ("Sender", {"fields": ["default_from_email", "default_reply_to"]}),
         ("Alerts", {"fields": ["alert_email"]}),
+        (
+            "Automatic halt",
+            {
+                "fields": ["halt_bounce_percent", "halt_complaint_percent", "halt_window"],
+                "description": "A sending message pauses itself, and says why on its page, when "
+                "the providers report this many hard bounces or spam complaints among its last "
+                "sends.",
+            },
+        ),
         ("Notes", {"fields": ["notes"]}),
         ("Send limit history", {"fields": ["send_limit_changes"]}),
         ("Record", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
@@ -233,44 +241,5 @@ class SendLimitAdmin(AuditedAdmin):
         return send_limit_changes_html(obj)
 
 
-# Suppressions -----------------------------------------------------------------------------------
-
-
-class SuppressionForm(forms.ModelForm):
-    class Meta:
-        model = Suppression
-        fields = ["customer", "email", "reason", "source"]
-
-    def clean_email(self):
-        return self.cleaned_data["email"].strip().lower()
-
-    def clean(self):
-        cleaned = super().clean()
-        customer, email = cleaned.get("customer"), cleaned.get("email")
-        if customer and email:
-            duplicates = Suppression.objects.filter(customer=customer, email__iexact=email)
-            if self.instance.pk:
-                duplicates = duplicates.exclude(pk=self.instance.pk)
-            if duplicates.exists():
-                self.add_error("email", f"{email} is already suppressed for {customer}.")
-        return cleaned
-
-
-@admin.register(Suppression)
-class SuppressionAdmin(admin.ModelAdmin):
-    form = SuppressionForm
-    list_display = ("email", "customer", "reason", "source", "created_by", "created_at")
-    list_filter = ("reason", "customer")
-    list_select_related = ("customer", "created_by")
-    search_fields = ("email",)
-    search_help_text = "Search by email address (or part of one)."
-    date_hierarchy = "created_at"
-    ordering = ("-created_at",)
-    autocomplete_fields = ("customer",)
-    readonly_fields = ("created_by", "created_at")
-    list_per_page = 100
-
-    def save_model(self, request, obj, form, change):
-        if not change:
-            obj.created_by = request.user
-        super().save_model(request, obj, form, change)
+# Suppressions: customers/suppression_admin.py (imported here so that it registers).
+from . import suppression_admin  # noqa: E402, F401

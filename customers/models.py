@@ -1,8 +1,9 @@
 """Who sends and how fast: Customer, SendLimit (history kept), ProviderAccount (credentials
 encrypted or held by reference, re-entered whenever where it sends changes; history kept),
-Suppression."""
+Suppression and Resubscription (the audit of addresses taken off the list)."""
 
 import re
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -199,6 +200,29 @@ class Customer(models.Model):
         "a minute over the cap), besides the site's admins.",
     )
     notes = models.TextField(blank=True)
+    # Automatic halt (sending.tracking): a sending message pauses itself when the hard bounces or
+    # complaints among its last `halt_window` sends reach these rates.
+    halt_window = models.PositiveIntegerField(
+        default=1000,
+        validators=[MinValueValidator(100), MaxValueValidator(100_000)],
+        help_text="Automatic halt: the rates are measured over this many of a message's last "
+        "sends (or all of them, once it has sent at least 100).",
+    )
+    halt_bounce_percent = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        default=Decimal("5.00"),
+        validators=[MinValueValidator(Decimal("0.01")), MaxValueValidator(Decimal("100"))],
+        help_text="Pause a message when this share of those sends hard-bounced (%).",
+    )
+    halt_complaint_percent = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        default=Decimal("0.30"),
+        validators=[MinValueValidator(Decimal("0.01")), MaxValueValidator(Decimal("100"))],
+        help_text="Pause a message when this share of those sends was reported as spam (%). "
+        "Gmail and Yahoo start rejecting bulk mail above 0.3 %.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -306,3 +330,26 @@ class Suppression(models.Model):
 
     def __str__(self):
         return f"{self.email} ({self.get_reason_display()})"
+
+
+class Resubscription(models.Model):
+    """An address taken off a customer's suppression list: who, when, why, and what the list said.
+
+    Kept after the suppression row is deleted: the audit trail of resubscribes."""
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="+")
+    email = models.EmailField(max_length=254)
+    reason = models.TextField(help_text="Why this address may be mailed again.")
+    suppressed_reason = models.CharField(max_length=20, choices=Suppression.Reason.choices)
+    suppressed_source = models.CharField(max_length=200, blank=True)
+    suppressed_at = models.DateTimeField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.email} resubscribed"

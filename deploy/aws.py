@@ -51,6 +51,8 @@ SECRETS: dict[str, tuple[str, str]] = {
     "FIELD_ENCRYPTION_KEY": ("AppSecretArn", "FIELD_ENCRYPTION_KEY"),
     "WORKER_TOKEN_KEY": ("WorkerTokenSecretArn", "WORKER_TOKEN_KEY"),
     "WORKER_TOKEN_KEY_FALLBACKS": ("WorkerTokenSecretArn", "WORKER_TOKEN_KEY_FALLBACKS"),
+    "UNSUBSCRIBE_KEY": ("AppSecretArn", "UNSUBSCRIBE_KEY"),
+    "ANYMAIL_WEBHOOK_SECRET": ("AppSecretArn", "ANYMAIL_WEBHOOK_SECRET"),
     "DATABASE_PASSWORD": ("DatabaseSecretArn", "password"),
 }
 # Only the web task serves TLS itself, in the load-balancer-less setup.

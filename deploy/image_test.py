@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "SECRET_KEY": Fernet.generate_key().decode() + "-image-test-secret-key",
         "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
         "WORKER_TOKEN_KEY": Fernet.generate_key().decode() + "-image-test-worker-token-key",
+        "UNSUBSCRIBE_KEY": Fernet.generate_key().decode(),
+        "ANYMAIL_WEBHOOK_SECRET": "provider:" + Fernet.generate_key().decode(),
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "HOST": "127.0.0.1",
         "PORT": str(args.port),

@@ -6,6 +6,8 @@
   machine's 127.0.0.1.
 - every `manage.py check` (the web and migrate tasks run one): with DEBUG off, WORKER_TOKEN_KEY
   must be set (worker tokens are signed with it, not with SECRET_KEY).
+- `manage.py check --deploy`: PUBLIC_BASE_URL (the start of every unsubscribe link) must be
+  https when DEBUG is off: RFC 8058 one-click unsubscribe requires an https link.
 - `manage.py check --database default`: LAMBDA_RESERVED_CONCURRENCY, when set, must cover what
   the active customers' `max_workers` can ask for at once. The migrate task runs both before
   every deploy (see emailops/entrypoint.py).
@@ -66,6 +68,22 @@ def check_worker_api_url(app_configs=None, **kwargs):
             )
         )
     return problems
+
+
+@register(Tags.security, deploy=True)
+def check_public_base_url(app_configs=None, **kwargs):
+    url = getattr(settings, "PUBLIC_BASE_URL", "")
+    parts = urlsplit(url)
+    if settings.DEBUG or (parts.scheme == "https" and parts.hostname):
+        return []
+    return [
+        Error(
+            f"PUBLIC_BASE_URL must be an https URL when DEBUG is off, not {url!r}: mailbox "
+            "providers only honour one-click unsubscribe links over https (RFC 8058).",
+            hint="Set it to the public host name serving /public/, e.g. https://mail.example.org.",
+            id="emailops.E010",
+        )
+    ]
 
 
 @register(Tags.database)

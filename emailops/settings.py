@@ -62,6 +62,20 @@ WORKER_TOKEN_KEY = env.str("WORKER_TOKEN_KEY", default="") or (
     _local_secret("worker_token_key", get_random_secret_key) if DEBUG else ""
 )
 WORKER_TOKEN_KEY_FALLBACKS = env.list("WORKER_TOKEN_KEY_FALLBACKS", default=[])
+# One-click unsubscribe links (customers.unsubscribe) are signed with a key of their own, not
+# SECRET_KEY: rotating that must not break links already in inboxes. They never expire.
+UNSUBSCRIBE_KEY = _required_in_production("UNSUBSCRIBE_KEY", get_random_secret_key)
+# The site's address as recipients' mail clients reach it (https in production): unsubscribe
+# links start with it. UNSUBSCRIBE_MAILTO (optional) is offered beside the https link.
+PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+UNSUBSCRIBE_MAILTO = env.str("UNSUBSCRIBE_MAILTO", default="")
+# Provider tracking webhooks (django-anymail, mounted under /public/anymail/) require HTTP basic
+# auth with this "user:password": providers are configured with it in the webhook URL.
+ANYMAIL = {
+    "WEBHOOK_SECRET": _required_in_production(
+        "ANYMAIL_WEBHOOK_SECRET", lambda: f"emailops:{get_random_secret_key()}"
+    ),
+}
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -77,6 +91,7 @@ INSTALLED_APPS = [
     "simple_history",
     "django_celery_beat",
     "csp",
+    "anymail",
     "channels",
     "emailops",
     "customers",

@@ -24,18 +24,21 @@ OVER_CAP = "over_cap"
 THROTTLING = "throttling"
 LOST_WORKERS = "lost_workers"
 SILENT_CONDUCTOR = "silent_conductor"
+HALTED = "halted"
 
 TITLES = {
     OVER_CAP: "A minute went over the cap",
     THROTTLING: "The provider is throttling",
     LOST_WORKERS: "Workers were lost",
     SILENT_CONDUCTOR: "The conductor went silent",
+    HALTED: "A message halted itself (bounces or complaints)",
 }
 LEVELS = {
     OVER_CAP: logging.ERROR,
     THROTTLING: logging.WARNING,
     LOST_WORKERS: logging.WARNING,
     SILENT_CONDUCTOR: logging.ERROR,
+    HALTED: logging.ERROR,
 }
 
 

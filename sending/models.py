@@ -1,5 +1,5 @@
 """What is sent and the engine's state: Message, Recipient, Worker, Lease, CustomerMinute,
-ConductorLease."""
+ConductorLease; and what providers told us afterwards: TrackingEvent."""
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -29,7 +29,8 @@ class Message(models.Model):
     reply_to = models.EmailField(blank=True, help_text="Blank: the customer's default.")
     text_body = models.TextField(
         blank=True,
-        help_text="Plain text. Merge fields: {{ first_name }}; missing ones render empty.",
+        help_text="Plain text. Merge fields: {{ first_name }}; missing ones render empty. "
+        "{{ unsubscribe_url }} is the recipient's own one-click unsubscribe link.",
     )
     html_body = models.TextField(blank=True, help_text="HTML, autoescaped. Merge fields as above.")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
@@ -39,6 +40,10 @@ class Message(models.Model):
     )
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    halt_reason = models.TextField(
+        blank=True,
+        help_text="Why the message paused itself (bounce or complaint rate), when it did.",
+    )
     purged_at = models.DateTimeField(
         null=True, blank=True, help_text="When recipients' addresses and merge data were purged."
     )
@@ -340,3 +345,50 @@ class CustomerPacing(models.Model):
 
     def __str__(self):
         return f"pacing of {self.customer}"
+
+
+class TrackingEvent(models.Model):
+    """One provider tracking event (django-anymail's normalized form), stored once.
+
+    The unique (esp, event_id, email) key makes a provider's retries and duplicate deliveries
+    no-ops. Recipient and message are plain ids, not foreign keys: the retention purge deletes
+    recipients, and an event's record outlives them (the message page's counts).
+    """
+
+    class Kind(models.TextChoices):
+        HARD_BOUNCE = "hard_bounce", "Hard bounce"
+        COMPLAINT = "complaint", "Complaint"
+        OTHER = "other", "Other"
+
+    esp = models.CharField(max_length=30)
+    event_id = models.CharField(max_length=255)
+    email = models.EmailField(max_length=254, blank=True)
+    event_type = models.CharField(max_length=20, help_text="anymail's event type.")
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    description = models.CharField(max_length=255, blank=True)
+    customer = models.ForeignKey(
+        Customer, on_delete=models.CASCADE, null=True, blank=True, related_name="+"
+    )
+    message_id = models.BigIntegerField(null=True, blank=True)
+    recipient_id = models.BigIntegerField(null=True, blank=True)
+    occurred_at = models.DateTimeField(null=True, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["esp", "event_id", "email"], name="tracking_event_unique"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["message_id", "kind"], name="tracking_event_message"),
+            models.Index(
+                fields=["recipient_id"],
+                condition=~models.Q(kind="other"),
+                name="tracking_event_recipient",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.esp} {self.event_type} {self.email}"

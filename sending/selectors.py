@@ -7,6 +7,8 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 
+from customers.unsubscribe import unsubscribe_url
+
 from .models import Message, Recipient
 
 DELIVERY_LOG_COLUMNS = (
@@ -85,8 +87,14 @@ def first_recipient(*, message: Message) -> Recipient | None:
 def message_preview(*, message: Message) -> Preview:
     """The message as its first recipient will get it."""
     recipient = first_recipient(message=message)
+    merge = dict(recipient.merge_data) if recipient else {}
+    if recipient is not None:
+        # The link this recipient's copy will carry (the worker gets the same from the server).
+        merge["unsubscribe_url"] = unsubscribe_url(
+            customer_id=message.customer_id, email=recipient.email
+        )
     try:
-        subject, text, html = message.compiled().render(recipient.merge_data if recipient else {})
+        subject, text, html = message.compiled().render(merge)
     except ValidationError as exc:
         return Preview(recipient=recipient, errors=tuple(exc.messages))
     return Preview(

@@ -14,7 +14,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from . import queue
+from . import alerts, queue
 from .models import Message, Recipient
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,31 @@ def message_pause(*, message_id: int, user=None) -> Message:
 
 
 @transaction.atomic
+def message_halt(*, message_id: int, reason: str) -> Message:
+    """The system's pause (sending.tracking: a bounce or complaint rate crossed its threshold):
+    like a pause, with the reason on the message page and an alert to staff."""
+    message = _locked(message_id)
+    _transition(
+        message, to=Message.Status.PAUSED, allowed=(Message.Status.SENDING,), verb="halt it"
+    )
+    message.halt_reason = reason
+    message.save(update_fields=["status", "halt_reason", "updated_at"])
+    _record(message, None, reason)
+    alerts.raise_alert(
+        kind=alerts.HALTED, customer_id=message.customer_id, message_ids=[message.pk], text=reason
+    )
+    return message
+
+
+@transaction.atomic
 def message_resume(*, message_id: int, user=None) -> Message:
     _check(user, "resume_message")
     message = _locked(message_id)
     _transition(
         message, to=Message.Status.SENDING, allowed=(Message.Status.PAUSED,), verb="resume it"
     )
-    message.save(update_fields=["status", "updated_at"])
+    message.halt_reason = ""  # staff looked at why it halted and chose to go on
+    message.save(update_fields=["status", "halt_reason", "updated_at"])
     _record(message, user, "Resumed")
     _kick(message.customer_id)
     return message

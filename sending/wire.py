@@ -9,6 +9,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from django.conf import settings
+
+from customers import unsubscribe
 
 if TYPE_CHECKING:
     from customers.models import Customer
@@ -306,6 +309,7 @@ def batch(
 ) -> dict:
     """A "send" answer: everything the worker needs, so it never reads the database."""
     used = {r.message_id for r in recipients}
+    link = unsubscribe.url_maker()
     return {
         "decision": "send",
         "batch": {
@@ -327,6 +331,7 @@ def batch(
                     "message": r.message_id,
                     "to": r.email,
                     "merge": orjson.Fragment(r.merge_json),
+                    "unsubscribe_url": link(customer.pk, r.email),
                 }
                 for r in recipients
             ],
@@ -360,6 +365,7 @@ def message_payload(message: "Message") -> dict:
         "html": message.html_body,
         "from_email": message.from_email or customer.default_from_email,
         "reply_to": message.reply_to or customer.default_reply_to,
+        "unsubscribe_mailto": settings.UNSUBSCRIBE_MAILTO,
     }
 
 
@@ -375,12 +381,19 @@ def replayable(answer: dict) -> dict:
 
 
 def replay(stored: dict, recipients: "list[Recipient]", customer: "Customer") -> dict:
-    """A stored answer made whole again: its lease's recipients, in lease order, and the
-    customer's provider block as it is now."""
+    """A stored answer made whole again: its lease's recipients (with their unsubscribe links),
+    in lease order, and the customer's provider block as it is now."""
     if stored.get("batch") is None:
         return stored
+    link = unsubscribe.url_maker()
     rows = [
-        {"id": r.id, "message": r.message_id, "to": r.email, "merge": r.merge_data}
+        {
+            "id": r.id,
+            "message": r.message_id,
+            "to": r.email,
+            "merge": r.merge_data,
+            "unsubscribe_url": link(customer.pk, r.email),
+        }
         for r in recipients
     ]
     batch = {**stored["batch"], "recipients": rows, "provider": provider_payload(customer)}

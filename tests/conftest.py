@@ -104,8 +104,11 @@ def staff_groups(transactional_db):
 
     from django.apps import apps
 
-    groups = importlib.import_module("customers.migrations.0002_groups")
-    groups.add_groups(apps, SimpleNamespace(connection=connection))
+    editor = SimpleNamespace(connection=connection)
+    importlib.import_module("customers.migrations.0002_groups").add_groups(apps, editor)
+    importlib.import_module("customers.migrations.0007_resubscription_permissions").grant(
+        apps, editor
+    )
 
 
 @pytest.fixture

@@ -168,6 +168,8 @@ def test_migrate_runs_the_deploy_checks_first_and_stops_on_an_error(tmp_path, ro
         SECRET_KEY="x" * 60,
         ALLOWED_HOSTS="emailops.internal",
         FIELD_ENCRYPTION_KEY="not-a-fernet-key",
+        UNSUBSCRIBE_KEY="y" * 60,
+        ANYMAIL_WEBHOOK_SECRET="provider:" + "z" * 40,
     )
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0

@@ -13,6 +13,9 @@ PRODUCTION_ENV = {
     "SECRET_KEY": "x" * 20 + "-production-secret-key-with-enough-entropy-0123456789",
     "FIELD_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     "WORKER_TOKEN_KEY": "y" * 20 + "-production-worker-token-key-0123456789",
+    "UNSUBSCRIBE_KEY": "unsubscribe-links-key-" + "y" * 40,
+    "ANYMAIL_WEBHOOK_SECRET": "provider:webhook-secret-" + "z" * 30,
+    "PUBLIC_BASE_URL": "https://mail.emailops.example",
     "ALLOWED_HOSTS": "emailops.internal",
     "CSRF_TRUSTED_ORIGINS": "https://emailops.internal",
 }
@@ -106,7 +109,9 @@ def test_production_without_a_worker_token_key_fails_its_checks(tmp_path):
     assert "WORKER_TOKEN_KEY is not set" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY"])
+@pytest.mark.parametrize(
+    "missing", ["SECRET_KEY", "FIELD_ENCRYPTION_KEY", "UNSUBSCRIBE_KEY", "ANYMAIL_WEBHOOK_SECRET"]
+)
 def test_production_refuses_to_start_without_its_secrets(tmp_path, missing):
     env = {**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)}
     env[missing] = ""
@@ -147,3 +152,11 @@ def test_the_engine_settings_have_their_defaults_without_the_environment(tmp_pat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert eval(result.stdout.strip()) == ENGINE_DEFAULTS  # noqa: S307 - our own repr of a dict
+
+
+def test_check_deploy_refuses_a_plain_http_public_url(tmp_path):
+    env = {**PRODUCTION_ENV, "EMAILOPS_VAR_DIR": str(tmp_path)}
+    env["PUBLIC_BASE_URL"] = "http://mail.emailops.example"
+    result = _manage("check", "--deploy", env=env)
+    assert result.returncode != 0
+    assert "emailops.E010" in result.stderr + result.stdout

@@ -10,7 +10,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from .. import services
+from .. import services, tracking
 from ..models import Message, Recipient
 from ..permissions import may_watch
 from ..selectors import (
@@ -337,6 +337,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
                 "recipients_url": recipients_url(message.pk),
                 "preview_url": reverse("admin:sending_message_preview", args=[message.pk]),
                 "send_buttons": self._send_buttons(request, message),
+                "tracking": tracking.counts(message.pk),
                 "live_url": (
                     reverse("admin:sending_live_customer", args=[message.customer_id])
                     if may_watch(request.user)

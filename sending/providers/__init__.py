@@ -22,6 +22,8 @@ from typing import Any
 
 IDEMPOTENCY_HEADER = "X-EmailOps-Idempotency-Key"
 IDEMPOTENCY_METADATA = "emailops_recipient_id"
+# RFC 8058: a mailbox provider POSTs this body to the List-Unsubscribe https URL.
+ONE_CLICK = "List-Unsubscribe=One-Click"
 DEFAULT_TIMEOUT_S = 5.0  # matches SEND_TIMEOUT_MS: nothing may arrive later than this after a start
 # The largest `concurrency` a batch asks for: the SES client is shared by all send threads.
 MAX_CONCURRENCY = 64
@@ -93,6 +95,16 @@ def open_provider(config: dict, *, timeout: float | None = None) -> Provider:
     return classes[kind](settings=settings, credentials=credentials, timeout=timeout)
 
 
+def unsubscribe_headers(url: str, *, mailto: str = "") -> dict[str, str]:
+    """The RFC 2369 / RFC 8058 headers for one recipient's copy (none without a URL)."""
+    if not url:
+        return {}
+    value = f"<{url}>"
+    if mailto:
+        value += f", <mailto:{mailto}?subject=unsubscribe>"
+    return {"List-Unsubscribe": value, "List-Unsubscribe-Post": ONE_CLICK}
+
+
 def check_address(to: str) -> None:
     """Refuse an address no provider could deliver to, before any connection is made."""
     from django.core.exceptions import ValidationError
@@ -142,8 +154,13 @@ class Provider:
         html: str,
         from_email: str,
         reply_to: str,
+        unsubscribe_url: str = "",
+        unsubscribe_mailto: str = "",
     ) -> str:
-        """Hand one email to the provider and return the provider's message id."""
+        """Hand one email to the provider and return the provider's message id.
+
+        With `unsubscribe_url` the message carries List-Unsubscribe (the URL, and the mailto if
+        given) and List-Unsubscribe-Post: one-click unsubscribe, RFC 8058."""
         check_address(to)
         message = self.build_message(
             recipient_id=recipient_id,
@@ -153,6 +170,7 @@ class Provider:
             html=html,
             from_email=from_email,
             reply_to=reply_to,
+            headers=unsubscribe_headers(unsubscribe_url, mailto=unsubscribe_mailto),
         )
         backend = None
         try:
@@ -185,7 +203,9 @@ class Provider:
 
     # Building blocks for the kinds.
 
-    def build_message(self, *, recipient_id, to, subject, text, html, from_email, reply_to):
+    def build_message(
+        self, *, recipient_id, to, subject, text, html, from_email, reply_to, headers=None
+    ):
         from django.core.mail import EmailMultiAlternatives
 
         message = EmailMultiAlternatives(
@@ -194,7 +214,7 @@ class Provider:
             from_email=from_email,
             to=[to],
             reply_to=[reply_to] if reply_to else None,
-            headers={IDEMPOTENCY_HEADER: str(recipient_id)},
+            headers={**(headers or {}), IDEMPOTENCY_HEADER: str(recipient_id)},
         )
         if html:
             message.attach_alternative(html, "text/html")
@@ -275,6 +295,7 @@ __all__ = [
     "IDEMPOTENCY_HEADER",
     "IDEMPOTENCY_METADATA",
     "MAX_CONCURRENCY",
+    "ONE_CLICK",
     "Provider",
     "SendError",
     "Throttled",
@@ -283,4 +304,5 @@ __all__ = [
     "postmark_error",
     "ses_error",
     "smtp_error",
+    "unsubscribe_headers",
 ]

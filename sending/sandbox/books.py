@@ -33,6 +33,8 @@ class Send:
     idempotency_key: str
     message_id: str
     duplicate: bool
+    # The message's List-Unsubscribe and List-Unsubscribe-Post headers, as they arrived.
+    unsubscribe: tuple[str, str] = ("", "")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,16 @@ class Ledger:
         message_id = str(uuid.uuid4())
         to = str(message.get("To", ""))
         self.sends.append(
-            Send(now, api_key, to, str(message.get("Subject", "")), key, message_id, duplicate)
+            Send(
+                now,
+                api_key,
+                to,
+                str(message.get("Subject", "")),
+                key,
+                message_id,
+                duplicate,
+                (_header(message, "List-Unsubscribe"), _header(message, "List-Unsubscribe-Post")),
+            )
         )
         submitted = datetime.fromtimestamp(now / 1000, tz=UTC).isoformat(timespec="milliseconds")
         return {
@@ -287,6 +298,13 @@ class Ledger:
 
 def _plain(nested: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return {k: dict(sorted(v.items())) for k, v in nested.items() if v}
+
+
+def _header(message: dict, name: str) -> str:
+    for header in message.get("Headers") or []:
+        if isinstance(header, dict) and str(header.get("Name", "")).lower() == name.lower():
+            return str(header.get("Value", ""))
+    return ""
 
 
 def idempotency_key(message: dict) -> str:

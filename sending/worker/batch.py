@@ -334,7 +334,7 @@ class BatchSender:
             message = compiled[key]
             if isinstance(message, Exception):
                 raise message
-            subject, text, html = message.render(recipient.get("merge") or {})
+            subject, text, html = message.render(_merge_fields(recipient))
         except Exception as exc:
             log.exception("worker %s: recipient %s does not render", self.worker_id, rid)
             return {"id": rid, "status": "failed", "permanent": True, "error": f"render: {exc}",
@@ -352,6 +352,8 @@ class BatchSender:
                 html=html,
                 from_email=template["from_email"],
                 reply_to=template["reply_to"],
+                unsubscribe_url=recipient.get("unsubscribe_url") or "",
+                unsubscribe_mailto=template.get("unsubscribe_mailto") or "",
             )
         except Throttled as exc:
             run.throttled.set()
@@ -393,3 +395,12 @@ class BatchSender:
             "error": f"{type(exc).__name__}: {exc}"[:2000],
             "done_ms": window.ms(self.clock()),
         }
+
+
+def _merge_fields(recipient: dict) -> dict:
+    """The recipient's merge data, plus `unsubscribe_url` (the server's signed link wins over a
+    merge field of the same name: a list cannot send a link of its own choosing)."""
+    merge = dict(recipient.get("merge") or {})
+    if recipient.get("unsubscribe_url"):
+        merge["unsubscribe_url"] = recipient["unsubscribe_url"]
+    return merge

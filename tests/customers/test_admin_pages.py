@@ -15,6 +15,7 @@ from django_celery_beat.models import (
     SolarSchedule,
 )
 
+from customers.models import Resubscription
 from sending.models import CustomerPacing
 from tests.factories import (
     ConductorLeaseFactory,
@@ -44,6 +45,14 @@ MAKERS = {
     "customers.ProviderAccount": ProviderAccountFactory,
     "customers.SendLimit": lambda: CustomerFactory().send_limit,
     "customers.Suppression": SuppressionFactory,
+    "customers.Resubscription": lambda: Resubscription.objects.create(
+        customer=CustomerFactory(),
+        email="back@example.edu",
+        reason="asked to be mailed again",
+        suppressed_reason="unsubscribed",
+        suppressed_at=timezone.now(),
+        created_by=UserFactory(),
+    ),
     "sending.Message": MessageFactory,
     "sending.Recipient": RecipientFactory,
     "sending.Worker": WorkerFactory,

@@ -499,3 +499,45 @@ def test_postmark_sends_from_many_threads_reuse_connections(sandbox):
 def test_open_provider_rejects_an_unknown_kind():
     with pytest.raises(ValueError, match="unknown provider kind 'fax'"):
         open_provider({"kind": "fax", "settings": {}, "credentials": {}, "per_minute_cap": 1})
+
+
+# One-click unsubscribe headers (RFC 8058) reach every provider ---------------------------
+
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def test_smtp_delivers_the_unsubscribe_headers(smtp_server):
+    recording = RecordingHandler()
+    provider = smtp_provider(smtp_server(recording))
+    url = "https://mail.example/public/unsubscribe/abc:def/"
+    try:
+        provider.send(
+            **email_fields(), unsubscribe_url=url, unsubscribe_mailto="leave@college.example"
+        )
+    finally:
+        provider.close()
+
+    [(_, envelope)] = recording.messages
+    received = email.message_from_bytes(envelope.content, policy=email.policy.default)
+    assert received["List-Unsubscribe"] == (
+        f"<{url}>, <mailto:leave@college.example?subject=unsubscribe>"
+    )
+    assert received["List-Unsubscribe-Post"] == ONE_CLICK
+
+
+def test_ses_delivers_the_unsubscribe_headers(aws):
+    ses = boto3.client(
+        "sesv2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    ses.create_email_identity(EmailIdentity=SENDER)
+    url = "https://mail.example/public/unsubscribe/abc:def/"
+    provider = open_provider(SES_CONFIG)
+    try:
+        provider.send(**email_fields(), unsubscribe_url=url)
+    finally:
+        provider.close()
+
+    [sent] = ses_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].sent_messages
+    raw = email.message_from_string(sent.raw_data)
+    assert raw["List-Unsubscribe"] == f"<{url}>"
+    assert raw["List-Unsubscribe-Post"] == ONE_CLICK

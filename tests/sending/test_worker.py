@@ -76,7 +76,7 @@ class RecordingProvider:
         self.starts: dict[int, float] = {}
         self.closed = False
 
-    def send(self, *, recipient_id, to, subject, text, html, from_email, reply_to):
+    def send(self, *, recipient_id, to, subject, text, html, from_email, reply_to, **unsubscribe):
         with self.lock:
             self.starts[recipient_id] = time.monotonic()
             n = len(self.starts)
