@@ -5,7 +5,7 @@ import uuid
 
 from celery import shared_task
 
-from . import alerts, conductor, services
+from . import alerts, conductor, scheduling
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ def conduct(customer_id: int, holder: str | None = None) -> str:
 @shared_task(ignore_result=True)
 def watchdog() -> dict:
     """Run by beat every few seconds: start scheduled messages that are due, and a conductor for
-    every customer sending with none alive (a crashed chain is replaced once its lease expires)."""
-    started = services.start_due_messages()
+    every customer sending with none alive (a crashed chain is replaced once its lease expires).
+    Messages due before its next run are handed to `start_scheduled` for their exact time."""
+    started = scheduling.start_due_messages()
     orphans = conductor.customers_needing_a_conductor()
     alerts.conductors_silent(orphans)
     for customer_id in orphans:
@@ -40,3 +41,10 @@ def watchdog() -> dict:
     if started or orphans:
         log.info("watchdog: started messages %s, conductors for %s", started, orphans)
     return {"started": started, "conductors": orphans}
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def start_scheduled(message_id: int, expected_at: str) -> bool:
+    """Start a scheduled message at its time (enqueued by the watchdog with that `eta`, seconds
+    ahead). Idempotent: it starts only a message still scheduled for `expected_at` and due."""
+    return scheduling.start_scheduled(message_id, expected_at=expected_at)

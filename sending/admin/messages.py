@@ -18,6 +18,7 @@ from ..selectors import (
     messages_with_progress,
     progress_of,
 )
+from .schedule import ScheduleActions
 
 # A <progress> element rather than a div sized by style="…": the site's CSP allows no inline style.
 PROGRESS_BAR = (
@@ -48,11 +49,12 @@ def recipients_url(message_id, **filters) -> str:
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ScheduleActions, admin.ModelAdmin):
     list_display = (
         "subject",
         "customer",
         "status",
+        "starts",
         "recipient_total",
         "recipient_counts",
         "progress",
@@ -85,6 +87,7 @@ class MessageAdmin(admin.ModelAdmin):
     # Status moves only through the send actions; these are written by the system.
     system_fields = (
         "status",
+        "scheduled_at",  # by the Schedule page, in the customer's time zone
         "started_at",
         "completed_at",
         "created_by",
@@ -93,7 +96,7 @@ class MessageAdmin(admin.ModelAdmin):
         "purged_at",
     )
 
-    actions = ["send_now", "pause", "resume", "cancel"]
+    actions = ["send_now", "pause", "resume", "cancel", "unschedule"]
     # What the change page's buttons and the list's actions do: (service, permission, done text).
     SEND_ACTIONS = {
         "send": (services.message_start, "start_message", "Sending started"),
@@ -226,7 +229,7 @@ class MessageAdmin(admin.ModelAdmin):
             return self.system_fields
         if obj.is_content_frozen:
             # Once a send starts every recipient must get the same message.
-            return ("customer", *Message.CONTENT_FIELDS, "scheduled_at", *self.system_fields)
+            return ("customer", *Message.CONTENT_FIELDS, *self.system_fields)
         return ("customer", *self.system_fields)
 
     def has_delete_permission(self, request, obj=None):
@@ -284,7 +287,7 @@ class MessageAdmin(admin.ModelAdmin):
             ),
         ]
         # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
-        return urls + super().get_urls()
+        return urls + self.schedule_urls() + super().get_urls()
 
     def preview_view(self, request, object_id):
         """The HTML body as its first recipient gets it, for the message page's sandboxed iframe.
@@ -350,6 +353,7 @@ class MessageAdmin(admin.ModelAdmin):
                 "import_url": (
                     reverse("admin:sending_message_import", args=[message.pk]) if can_import else ""
                 ),
+                **self.schedule_context(request, message),
                 **(FROZEN_SUBMIT_ROW if message.is_content_frozen else {}),
                 **(extra_context or {}),
             }

@@ -1,0 +1,172 @@
+"""Scheduled sends: times in the customer's time zone, and starting them when they are due.
+
+Starting stays database-driven: beat runs the watchdog every WATCHDOG_S, and the watchdog
+(`start_due_messages`) starts every scheduled message whose time has come. Waiting for the next
+watchdog run would make a start up to WATCHDOG_S late, so the watchdog also hands each message
+due before its next run to Celery with an `eta` of its scheduled time (`start_scheduled`): a few
+seconds ahead at most, far inside Redis's visibility timeout, and harmless if it is lost or runs
+twice (the next watchdog run starts what is due; a start checks the message is still scheduled
+for that time). No task is ever enqueued for a time further ahead than that.
+
+A scheduled start that cannot happen (the customer deactivated, no recipients left) sends the
+message back to draft with the reason in `Message.start_problem`, shown on its page: it must
+not start on its own days later when the obstacle goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from celery import current_app
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from . import services
+from .models import Message
+
+log = logging.getLogger(__name__)
+
+START_TASK = "sending.tasks.start_scheduled"
+# A start this much after its scheduled time is shown as late on the message page.
+LATE_AFTER_S = 30
+# The watchdog hands over messages due before its next run, plus this margin for beat's jitter.
+HANDOVER_MARGIN_S = 1.0
+
+
+# Time zones ------------------------------------------------------------------------------------
+
+
+def local_to_utc(day: date, at: time, zone: ZoneInfo) -> datetime:
+    """A wall-clock date and time in `zone` as an aware UTC datetime.
+
+    A time the clocks skip (spring forward) is refused; a time that happens twice (fall back)
+    is the first of the two, and `describe` shows its zone abbreviation so staff can see which.
+    """
+    local = datetime.combine(day, at.replace(tzinfo=None, fold=0), tzinfo=zone)
+    as_utc = local.astimezone(ZoneInfo("UTC"))
+    if as_utc.astimezone(zone).replace(tzinfo=None) != local.replace(tzinfo=None):
+        raise ValidationError(
+            f"{day:%a %d %b %Y} {at:%H:%M} does not exist in {zone.key}: the clocks skip it "
+            "(daylight saving time starts). Pick another time."
+        )
+    return as_utc
+
+
+def in_zone(moment: datetime, zone: ZoneInfo) -> datetime:
+    return moment.astimezone(zone)
+
+
+def until(seconds: float) -> str:
+    """A duration ahead as people read it: "45 s", "2 h 13 min", "3 d 4 h"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def wall_clock(moment: datetime, zone: ZoneInfo, *, now: datetime) -> str:
+    """ "Tue 09:00 America/Chicago" (with the date when it is not within the coming week, and
+    the zone's abbreviation when the same wall time happens twice that night)."""
+    local = moment.astimezone(zone)
+    ahead = moment - now
+    day = "%a" if timedelta(0) <= ahead < timedelta(days=6) else "%a %d %b %Y"
+    text = f"{local:{day} %H:%M} {zone.key}"
+    again = local.replace(fold=1 - local.fold)
+    if again.utcoffset() != local.utcoffset():
+        text += f" ({local:%Z})"
+    return text
+
+
+def describe_start(message: Message, *, now: datetime | None = None) -> str:
+    """What the message page says of a scheduled start: "starts Tue 09:00 America/Chicago
+    (in 2 h 13 min)"."""
+    now = now or timezone.now()
+    zone = message.customer.time_zone
+    when = wall_clock(message.scheduled_at, zone, now=now)
+    left = (message.scheduled_at - now).total_seconds()
+    if left > 0:
+        return f"starts {when} (in {until(left)})"
+    return f"due since {when} ({until(-left)} ago): starting"
+
+
+def lateness(message: Message) -> float | None:
+    """How many seconds after its scheduled time a scheduled message started (None: not a
+    scheduled start, or not started)."""
+    if message.scheduled_at is None or message.started_at is None:
+        return None
+    return (message.started_at - message.scheduled_at).total_seconds()
+
+
+# Starting --------------------------------------------------------------------------------------
+
+
+def start_due_messages(*, now: datetime | None = None) -> list[int]:
+    """Run by the watchdog: start every scheduled message that is due, and hand those due before
+    the next run to Celery for their exact time. Returns the ids started here."""
+    now = now or timezone.now()
+    scheduled = Message.objects.filter(status=Message.Status.SCHEDULED)
+    started = [
+        message_id
+        for message_id in scheduled.filter(scheduled_at__lte=now).values_list("pk", flat=True)
+        if start_scheduled(message_id, now=now)
+    ]
+    horizon = now + timedelta(seconds=settings.WATCHDOG_S + HANDOVER_MARGIN_S)
+    soon = scheduled.filter(scheduled_at__gt=now, scheduled_at__lte=horizon)
+    for message_id, at in soon.values_list("pk", "scheduled_at"):
+        current_app.send_task(START_TASK, args=(message_id, at.isoformat()), eta=at)
+    return started
+
+
+def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None) -> bool:
+    """Start a scheduled message if it is due (and still scheduled for `expected_at`, when given:
+    a message rescheduled since it was handed over is left for its new time). A start that fails
+    sends the message back to draft with the reason on it. Returns whether it started."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        message = (
+            Message.objects.select_for_update(of=("self",))
+            .select_related("customer")
+            .filter(pk=message_id, status=Message.Status.SCHEDULED)
+            .first()
+        )
+        if message is None or message.scheduled_at > now:
+            return False
+        if expected_at is not None and message.scheduled_at != datetime.fromisoformat(expected_at):
+            return False
+        try:
+            with transaction.atomic():
+                services.message_start(message_id=message_id, now=now)
+        except ValidationError as exc:
+            reason = " ".join(exc.messages)
+            zone = message.customer.time_zone
+            message.status = Message.Status.DRAFT
+            message.start_problem = (
+                f"Scheduled for {wall_clock(message.scheduled_at, zone, now=now)}, it could not "
+                f"start at {in_zone(now, zone):%H:%M:%S}: {reason} It is a draft again."
+            )
+            message.scheduled_at = None
+            message.save(update_fields=["status", "start_problem", "scheduled_at", "updated_at"])
+            log.error(
+                "scheduled message %s could not start: %s",
+                message_id,
+                reason,
+                extra={"message_id": message_id, "customer_id": message.customer_id},
+            )
+            return False
+    late = lateness(Message(scheduled_at=message.scheduled_at, started_at=now))
+    if late is not None and late > LATE_AFTER_S:
+        log.warning(
+            "scheduled message %s started %.0f s late",
+            message_id,
+            late,
+            extra={"message_id": message_id, "customer_id": message.customer_id},
+        )
+    return True
