@@ -189,9 +189,10 @@ def _later(message: Message, then: datetime | None, alone: datetime | None, cust
     zone = customer.time_zone
     if then is None:
         return f"“{message}” does not finish (a paused customer)"
-    return (
-        f"“{message}” finishes at {then.astimezone(zone):%H:%M}, not {alone.astimezone(zone):%H:%M}"
-    )
+    then, alone = then.astimezone(zone), alone.astimezone(zone)
+    # To the second when the minutes alone would not show the difference.
+    shown = "%H:%M" if f"{then:%H:%M}" != f"{alone:%H:%M}" else "%H:%M:%S"
+    return f"“{message}” finishes at {then:{shown}}, not {alone:{shown}}"
 
 
 def cancel_plan(message: Message) -> CancelPlan:
