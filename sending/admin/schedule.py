@@ -22,6 +22,7 @@ from ..confirm import send_plan
 from ..models import Message, Recipient, TestSend
 
 PERM = "sending.start_message"
+CHOICES = 200
 
 
 class ScheduleForm(forms.Form):
@@ -62,9 +63,12 @@ class TestSendForm(forms.Form):
 
     def __init__(self, *args, message, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["recipient"].queryset = Recipient.objects.filter(message=message).order_by(
-            "id"
-        )[:200]
+        field = self.fields["recipient"]
+        field.queryset = Recipient.objects.filter(message=message)
+        # The first CHOICES recipients are offered (a message may have tens of thousands).
+        field.choices = [("", field.empty_label)] + [
+            (r.pk, r.email) for r in field.queryset.order_by("id")[:CHOICES]
+        ]
 
     def clean_addresses(self):
         try:
