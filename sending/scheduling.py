@@ -72,12 +72,12 @@ def until(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def wall_clock(moment: datetime, zone: ZoneInfo, *, now: datetime) -> str:
+def wall_clock(moment: datetime, zone: ZoneInfo, *, now: datetime, full: bool = False) -> str:
     """ "Tue 09:00 America/Chicago" (with the date when it is not within the coming week, and
     the zone's abbreviation when the same wall time happens twice that night)."""
     local = moment.astimezone(zone)
     ahead = moment - now
-    day = "%a" if timedelta(0) <= ahead < timedelta(days=6) else "%a %d %b %Y"
+    day = "%a" if timedelta(0) <= ahead < timedelta(days=6) and not full else "%a %d %b %Y"
     text = f"{local:{day} %H:%M} {zone.key}"
     again = local.replace(fold=1 - local.fold)
     if again.utcoffset() != local.utcoffset():

@@ -74,7 +74,7 @@ class MessageAdmin(ScheduleActions, admin.ModelAdmin):
         ("Body", {"fields": ["text_body", "html_body"]}),
         (
             "Schedule and status",
-            {"fields": ["status", "scheduled_at", "started_at", "completed_at"]},
+            {"fields": ["status", "scheduled_for", "started_at", "completed_at"]},
         ),
         (
             "Record",
@@ -87,7 +87,7 @@ class MessageAdmin(ScheduleActions, admin.ModelAdmin):
     # Status moves only through the send actions; these are written by the system.
     system_fields = (
         "status",
-        "scheduled_at",  # by the Schedule page, in the customer's time zone
+        "scheduled_for",  # set by the Schedule page, in the customer's time zone
         "started_at",
         "completed_at",
         "created_by",

@@ -193,6 +193,13 @@ class ScheduleActions:
             return "—"
         return scheduling.describe_start(obj).removeprefix("starts ")
 
+    @admin.display(description="Scheduled for")
+    def scheduled_for(self, obj):
+        if obj is None or obj.scheduled_at is None:
+            return "—"
+        zone = obj.customer.time_zone
+        return scheduling.wall_clock(obj.scheduled_at, zone, now=obj.scheduled_at, full=True)
+
     # Test send ------------------------------------------------------------------------------
 
     def test_send_view(self, request, object_id):
