@@ -118,6 +118,8 @@ def start_due_messages(*, now: datetime | None = None) -> list[int]:
         for message_id in scheduled.filter(scheduled_at__lte=now).values_list("pk", flat=True)
         if start_scheduled(message_id, now=now)
     ]
+    if not settings.SCHEDULE_HANDOVER:
+        return started
     horizon = now + timedelta(seconds=settings.WATCHDOG_S + HANDOVER_MARGIN_S)
     soon = scheduled.filter(scheduled_at__gt=now, scheduled_at__lte=horizon)
     for message_id, at in soon.values_list("pk", "scheduled_at"):
@@ -125,10 +127,11 @@ def start_due_messages(*, now: datetime | None = None) -> list[int]:
     return started
 
 
-def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None) -> bool:
+def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None) -> int | None:
     """Start a scheduled message if it is due (and still scheduled for `expected_at`, when given:
     a message rescheduled since it was handed over is left for its new time). A start that fails
-    sends the message back to draft with the reason on it. Returns whether it started."""
+    sends the message back to draft with the reason on it. Returns the customer's id if it
+    started, else None."""
     now = now or timezone.now()
     with transaction.atomic():
         message = (
@@ -138,9 +141,9 @@ def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None
             .first()
         )
         if message is None or message.scheduled_at > now:
-            return False
+            return None
         if expected_at is not None and message.scheduled_at != datetime.fromisoformat(expected_at):
-            return False
+            return None
         try:
             with transaction.atomic():
                 services.message_start(message_id=message_id, now=now)
@@ -160,7 +163,7 @@ def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None
                 reason,
                 extra={"message_id": message_id, "customer_id": message.customer_id},
             )
-            return False
+            return None
     late = lateness(Message(scheduled_at=message.scheduled_at, started_at=now))
     if late is not None and late > LATE_AFTER_S:
         log.warning(
@@ -169,4 +172,4 @@ def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None
             late,
             extra={"message_id": message_id, "customer_id": message.customer_id},
         )
-    return True
+    return message.customer_id
