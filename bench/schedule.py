@@ -16,7 +16,9 @@ Each customer has 5 messages of 2 recipients and a batch size of 20, so its firs
 recipients of all five: a message's first grant measures its start, not its turn behind the
 customer's other messages. Every message is scheduled for the same whole minute, at least
 LEAD_S ahead. A message's first grant is the earliest `granted_at` of a lease holding one of
-its recipients; its start is `started_at`. Prints a line per round, then JSON (last line).
+its recipients; its start is `started_at` (both are reported, and the time between them: the
+conductor's tick, a worker's start and its first check-in). Prints a line per round, then JSON
+(last line).
 """
 
 from __future__ import annotations
@@ -142,6 +144,13 @@ def run_round(handover: bool) -> dict:
         starts = dict(Message.objects.filter(pk__in=message_ids).values_list("pk", "started_at"))
         to_grant = [(grants[m] - at).total_seconds() * 1000 for m in message_ids if m in grants]
         to_start = [(starts[m] - at).total_seconds() * 1000 for m in message_ids if starts.get(m)]
+        # From its start to its first grant: the conductor's tick, a worker's start and its
+        # first check-in.
+        start_to_grant = [
+            (grants[m] - starts[m]).total_seconds() * 1000
+            for m in message_ids
+            if m in grants and starts.get(m)
+        ]
         return {
             "mechanism": "watchdog + hand-over to Celery" if handover else "watchdog only",
             "messages": len(message_ids),
@@ -150,6 +159,7 @@ def run_round(handover: bool) -> dict:
             "scheduled_for": at.isoformat(),
             "first_grant": _summary(to_grant),
             "started_at": _summary(to_start),
+            "start_to_first_grant": _summary(start_to_grant),
         }
     finally:
         fleet.stop()

@@ -6,6 +6,7 @@ from django.urls import reverse
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from customers.models import SendLimit
 from sending import scheduling
 from sending.models import Message, Recipient, TestSend
 from sending.sandbox import SandboxServer
@@ -14,6 +15,7 @@ from tests.factories import (
     API_KEY,
     CustomerFactory,
     MessageFactory,
+    ProviderAccountFactory,
     RecipientFactory,
     make_message,
     sandbox_customer,
@@ -172,3 +174,28 @@ def test_support_retries_failed_recipients_after_confirming(
     assert Recipient.objects.get(pk=ids[0]).status == "queued"
     assert Recipient.objects.get(pk=ids[1]).status == "failed"
     assert conductor_kicks() == [message.customer_id]
+
+
+def test_the_scheduling_page_flags_a_send_competing_for_the_account(
+    browse, support_user, screenshot
+):
+    account = ProviderAccountFactory(per_minute_cap=600)
+    running_customer = CustomerFactory(provider_account=account, name="Lakeside College")
+    customer = CustomerFactory(provider_account=account, time_zone=CHICAGO)
+    SendLimit.objects.filter(customer__in=[running_customer, customer]).update(per_minute=600)
+    make_message(running_customer, 3_000, subject="Housing lottery")  # 5 min alone
+    message = draft(customer, n=600)  # 1 min alone
+    with browse(support_user) as page:
+        page.goto(reverse("admin:sending_message_schedule", args=[message.pk]))
+        soon = timezone.now().astimezone(customer.time_zone) + timedelta(minutes=2)
+        page.get_by_label("Date").fill(soon.date().isoformat())
+        page.get_by_label("Time").fill(f"{soon:%H:%M}")
+        page.get_by_role("button", name="Show the plan for this time").click()
+        overlap = page.locator(".plan-overlap")
+        expect(overlap).to_contain_text(
+            "“Orientation week” and “Housing lottery” (Lakeside College) share 600/min "
+            "(the provider account's cap)"
+        )
+        expect(overlap).to_contain_text("“Orientation week” finishes at")
+        expect(overlap).to_contain_text("“Housing lottery” finishes at")
+        screenshot(page, "competing-sends")
