@@ -82,8 +82,9 @@ def _charge(customer_id: int, size: int) -> tuple[int, int] | str:
                 )
                 ledger.charge(minute_id=pool.minute_id, size=size, cap=limits.per_minute)
                 return pool.minute_id, start
-        # Outside the lock: wait for the next minute's window to open.
-        wait_ms = (start + window_ms + limits.guard_ms) - Clock.read().now_ms
+        # Outside the lock: wait for this minute's window to open, or the next one's.
+        opens_next = opens if now_ms < opens else start + window_ms + limits.guard_ms
+        wait_ms = opens_next - Clock.read().now_ms
         time.sleep(max(wait_ms, 0) / 1000)
     return "No minute had room for it; try again."
 

@@ -184,3 +184,13 @@ def test_retry_failed_refuses_a_cancelled_message():
     with pytest.raises(ValidationError, match="cannot retry"):
         services.message_retry_failed(message_id=message.pk)
     assert Recipient.objects.get(message=message).status == "failed"
+
+
+def test_a_handed_over_start_that_fires_early_waits_for_its_time(enqueued_tasks):
+    message = _schedulable()
+    at = timezone.now() + timedelta(seconds=1.5)
+    services.message_schedule(message_id=message.pk, at=at)
+    assert scheduling.start_scheduled(message.pk, expected_at=at.isoformat()) == message.customer_id
+    message.refresh_from_db()
+    assert message.status == Message.Status.SENDING
+    assert message.started_at >= at
