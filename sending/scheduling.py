@@ -3,10 +3,10 @@
 Starting stays database-driven: beat runs the watchdog every WATCHDOG_S, and the watchdog
 (`start_due_messages`) starts every scheduled message whose time has come. Waiting for the next
 watchdog run would make a start up to WATCHDOG_S late, so the watchdog also hands each message
-due before its next run to Celery with an `eta` of its scheduled time (`start_scheduled`): a few
-seconds ahead at most, far inside Redis's visibility timeout, and harmless if it is lost or runs
-twice (the next watchdog run starts what is due; a start checks the message is still scheduled
-for that time). No task is ever enqueued for a time further ahead than that.
+due before its next run to Celery with an `eta` of its scheduled time (one task per instant,
+`start_handed_over`): a few seconds ahead at most, far inside Redis's visibility timeout, and
+harmless if it is lost or runs twice (the next watchdog run starts what is due; a start checks
+the message is still scheduled for that time). No task is ever enqueued further ahead.
 
 A scheduled start that cannot happen (the customer deactivated, no recipients left) sends the
 message back to draft with the reason in `Message.start_problem`, shown on its page: it must
@@ -123,9 +123,25 @@ def start_due_messages(*, now: datetime | None = None) -> list[int]:
         return started
     horizon = now + timedelta(seconds=settings.WATCHDOG_S + HANDOVER_MARGIN_S)
     soon = scheduled.filter(scheduled_at__gt=now, scheduled_at__lte=horizon)
-    for message_id, at in soon.values_list("pk", "scheduled_at"):
-        current_app.send_task(START_TASK, args=(message_id, at.isoformat()), eta=at)
+    # One task per instant, not per message: a hundred messages due at 09:00 are started one
+    # after the other by one task (as the watchdog itself does), not by a hundred at once.
+    by_time: dict[datetime, list[int]] = {}
+    for message_id, at in soon.order_by("scheduled_at", "pk").values_list("pk", "scheduled_at"):
+        by_time.setdefault(at, []).append(message_id)
+    for at, message_ids in by_time.items():
+        current_app.send_task(START_TASK, args=(message_ids, at.isoformat()), eta=at)
     return started
+
+
+def start_handed_over(message_ids: list[int], expected_at: str) -> list[int]:
+    """The hand-over task's work: start these messages, due at `expected_at` (waiting for it
+    if the timer fired a little early). Returns the ids started."""
+    early = (datetime.fromisoformat(expected_at) - timezone.now()).total_seconds()
+    if 0 < early <= settings.WATCHDOG_S + HANDOVER_MARGIN_S:
+        # A timer may fire a little early (another host's clock): wait for the time itself
+        # rather than leave the start to the next watchdog run.
+        time_module.sleep(early)
+    return [m for m in message_ids if start_scheduled(m, expected_at=expected_at)]
 
 
 def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None) -> int | None:
@@ -133,12 +149,6 @@ def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None
     a message rescheduled since it was handed over is left for its new time). A start that fails
     sends the message back to draft with the reason on it. Returns the customer's id if it
     started, else None."""
-    if expected_at is not None and now is None:
-        # A timer may fire a little early (another host's clock): wait for the time itself
-        # rather than leave the start to the next watchdog run.
-        early = (datetime.fromisoformat(expected_at) - timezone.now()).total_seconds()
-        if 0 < early <= settings.WATCHDOG_S + HANDOVER_MARGIN_S:
-            time_module.sleep(early)
     now = now or timezone.now()
     with transaction.atomic():
         message = (

@@ -44,11 +44,7 @@ def watchdog() -> dict:
 
 
 @shared_task(acks_late=True, ignore_result=True)
-def start_scheduled(message_id: int, expected_at: str) -> None:
-    """Start a scheduled message at its time (enqueued by the watchdog with that `eta`, seconds
-    ahead). Idempotent: it starts only a message still scheduled for `expected_at` and due.
-    Then the customer's first conductor tick, here rather than one queue hop later (the tick
-    the start enqueued finds the chain running and stops)."""
-    customer_id = scheduling.start_scheduled(message_id, expected_at=expected_at)
-    if customer_id is not None:
-        conduct(customer_id)
+def start_scheduled(message_ids: list[int], expected_at: str) -> list[int]:
+    """Start scheduled messages at their time (enqueued by the watchdog with that `eta`, seconds
+    ahead). Idempotent: it starts only messages still scheduled for `expected_at` and due."""
+    return scheduling.start_handed_over(message_ids, expected_at)

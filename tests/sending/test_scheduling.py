@@ -85,7 +85,7 @@ def test_the_watchdog_hands_over_what_is_due_before_its_next_run(settings, enque
     assert scheduling.start_due_messages(now=now) == []
     soon.refresh_from_db()
     assert enqueued_tasks.take() == [
-        ("sending.tasks.start_scheduled", [soon.pk, soon.scheduled_at.isoformat()])
+        ("sending.tasks.start_scheduled", [[soon.pk], soon.scheduled_at.isoformat()])
     ]
     # The task starts it at its time, and only once.
     assert not scheduling.start_scheduled(
@@ -190,7 +190,7 @@ def test_a_handed_over_start_that_fires_early_waits_for_its_time(enqueued_tasks)
     message = _schedulable()
     at = timezone.now() + timedelta(seconds=1.5)
     services.message_schedule(message_id=message.pk, at=at)
-    assert scheduling.start_scheduled(message.pk, expected_at=at.isoformat()) == message.customer_id
+    assert scheduling.start_handed_over([message.pk], at.isoformat()) == [message.pk]
     message.refresh_from_db()
     assert message.status == Message.Status.SENDING
     assert message.started_at >= at
