@@ -1,12 +1,12 @@
 """Scheduled sends: times in the customer's time zone, and starting them when they are due.
 
 Starting stays database-driven: beat runs the watchdog every WATCHDOG_S, and the watchdog
-(`start_due_messages`) starts every scheduled message whose time has come. Waiting for the next
-watchdog run would make a start up to WATCHDOG_S late, so the watchdog also hands each message
-due before its next run to Celery with an `eta` of its scheduled time (one task per instant,
-`start_handed_over`): a few seconds ahead at most, far inside Redis's visibility timeout, and
-harmless if it is lost or runs twice (the next watchdog run starts what is due; a start checks
-the message is still scheduled for that time). No task is ever enqueued further ahead.
+(`start_due_messages`) starts every scheduled message whose time has come. With
+SCHEDULE_HANDOVER on (off by default: measured slower, docs/benchmarks.md), it also hands the
+messages due before its next run to Celery with an `eta` of their scheduled time (one task per
+instant, `start_handed_over`): a few seconds ahead at most, far inside Redis's visibility timeout,
+and harmless if it is lost or runs twice (the next watchdog run starts what is due; a start
+checks the message is still scheduled for that time). No task is ever enqueued further ahead.
 
 A scheduled start that cannot happen (the customer deactivated, no recipients left) sends the
 message back to draft with the reason in `Message.start_problem`, shown on its page: it must

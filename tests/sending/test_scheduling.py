@@ -77,6 +77,7 @@ def test_a_send_scheduled_across_the_dst_change_starts_at_its_wall_clock_time(en
 
 def test_the_watchdog_hands_over_what_is_due_before_its_next_run(settings, enqueued_tasks):
     settings.WATCHDOG_S = 2
+    settings.SCHEDULE_HANDOVER = True
     soon, later = _schedulable(), _schedulable()
     now = timezone.now()
     services.message_schedule(message_id=soon.pk, at=now + timedelta(seconds=1.5))
