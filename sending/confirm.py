@@ -133,7 +133,9 @@ def send_plan(message: Message, *, at: datetime | None = None) -> SendPlan:
     begins_s = sends[0].starts_s
     plan = planner.Plan(
         per_minute=per_minute,
-        seconds=None if mine.seconds is None else math.ceil(max(0.0, mine.seconds - begins_s)),
+        seconds=None
+        if mine.seconds is None
+        else math.ceil(planner.in_bursts(max(0.0, mine.seconds - begins_s), window_s=window_s)),
         reason=reason,
     )
 

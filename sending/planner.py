@@ -245,3 +245,13 @@ def plan_sends(
         )
         plans[s.key] = Finish(key=s.key, seconds=end, alone_s=alone, shared_with=shared)
     return plans
+
+
+def in_bursts(seconds: float | None, *, window_s: float = 60) -> float | None:
+    """A steady-rate duration as pacing delivers it: each minute's budget goes out in a burst at
+    the minute's start, so a send of k minutes' budget ends early in its k-th minute — on
+    average 1.5 minutes before the steady rate says (half a minute for where in its first minute
+    it starts). Sends shorter than two minutes are left as they are."""
+    if seconds is None or seconds < 2 * window_s:
+        return seconds
+    return seconds - 1.5 * window_s
