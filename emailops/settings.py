@@ -241,6 +241,11 @@ CONDUCTOR_LEASE_S = env.float("CONDUCTOR_LEASE_S", default=5)
 # round.
 CONDUCTOR_SHARDS = env.int("CONDUCTOR_SHARDS", default=8)
 WATCHDOG_S = env.float("WATCHDOG_S", default=2)
+# On, the watchdog also hands scheduled messages due before its next run to Celery for their
+# exact time (sending/scheduling.py); off (the default: bench.schedule measured the hand-over
+# slower on this machine, see docs/benchmarks.md), they start at the first watchdog run after
+# their time, up to WATCHDOG_S late.
+SCHEDULE_HANDOVER = env.bool("SCHEDULE_HANDOVER", default=False)
 # A tick starts at most this many workers (the rest follow on later ticks).
 CONDUCTOR_MAX_STARTS_PER_TICK = env.int("CONDUCTOR_MAX_STARTS_PER_TICK", default=3)
 # A worker that has not checked in this long after it was started is lost.

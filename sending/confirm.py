@@ -1,28 +1,41 @@
-"""What Send now, Cancel and Retry unknown will do, said before they do it (the confirmation
-pages).
+"""What Send now, Schedule, Cancel and Retry unknown will do, said before they do it (the
+confirmation and scheduling pages).
 
-Counts here are per message and run once per page view, when a person asks; the rate and the
-ETA come from the planner, the same function the live pages and the scheduler use.
+Counts here are per message and run once per page view, when a person asks. The plan comes from
+the planner (sending/planner.py): the send and every send it competes with (the customer's
+others, and those of the customers sharing its provider account, running or scheduled) on one
+timeline, each customer at the rate it will really get (its limit, the account's cap, its
+max_workers times the rate its last workers measured), the account's cap shared between them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db.models import Count, Q
+from django.utils import timezone
 
-from . import live, planner
-from .models import Message, Recipient
+from . import planner
+from .models import Message, Recipient, Worker
+
+# The planner's per-worker rate: the mean of what this many of the customer's last workers
+# measured.
+RATE_SAMPLE = 10
 
 
 @dataclass(frozen=True)
 class SendPlan:
     message: Message
     recipients: int  # queued: what will be sent
-    ahead: int  # queued in the customer's messages already sending (served first)
-    sharing: int  # other customers sending through the same provider account now
-    plan: planner.Plan
+    ahead: int  # queued in the customer's messages sending before it (served first)
+    sharing: int  # other customers sending through the same provider account meanwhile
+    plan: planner.Plan  # its rate, and how long from its start to its last recipient
+    starts_at: datetime
+    finishes_at: datetime | None
+    overlaps: tuple[str, ...]  # sends it competes with, and what that costs either of them
     problems: tuple[str, ...]
 
 
@@ -43,44 +56,119 @@ def _queued(message_ids) -> dict[int, int]:
     return {row["message_id"]: row["n"] for row in rows}
 
 
-def send_plan(message: Message) -> SendPlan:
-    customer = message.customer
+def per_worker_rate(customer_id: int) -> float | None:
+    """The mean send rate (per second) its last workers measured, None before any did."""
+    rates = list(
+        Worker.objects.filter(customer_id=customer_id, rate_per_s__isnull=False)
+        .order_by("-id")
+        .values_list("rate_per_s", flat=True)[:RATE_SAMPLE]
+    )
+    return sum(rates) / len(rates) if rates else None
+
+
+def _customer_rate(customer, window_s: float) -> tuple[int, str]:
     limit = customer.send_limit
     account = customer.provider_account
-    sending = list(
-        Message.objects.filter(customer=customer, status=Message.Status.SENDING)
-        .exclude(pk=message.pk)
-        .values_list("pk", flat=True)
-    )
-    queued = _queued([message.pk, *sending])
-    recipients = queued.get(message.pk, 0)
-    ahead = sum(n for pk, n in queued.items() if pk != message.pk)
-    sharing = 0
-    if account is not None:
-        sharing = (
-            Message.objects.filter(
-                customer__provider_account=account, status=Message.Status.SENDING
-            )
-            .exclude(customer=customer)
-            .values("customer")
-            .distinct()
-            .count()
-        )
-    recent = (live.last_samples([customer.pk]).get(customer.pk) or {}).get("rate_per_s")
-    plan = planner.eta(
-        remaining=recipients,
-        ahead=ahead,
+    return planner.customer_per_minute(
         per_minute=limit.per_minute,
         account_cap=account.per_minute_cap if account else None,
+        max_workers=limit.max_workers,
+        worker_per_s=per_worker_rate(customer.pk),
+        window_s=window_s,
         paused=limit.paused,
-        recent_per_s=recent if ahead else None,
-        recent_seconds=planner.RECENT_MIN_SECONDS if recent and ahead else 0,
-        window_s=settings.SEND_WINDOW_MS / 1000,
     )
+
+
+def _competing(message: Message) -> list[Message]:
+    """The sends that share this one's customer or provider account, running or scheduled."""
+    customer = message.customer
+    same = Q(customer=customer)
+    if customer.provider_account_id is not None:
+        same |= Q(customer__provider_account_id=customer.provider_account_id)
+    return list(
+        Message.objects.filter(same, status__in=(Message.Status.SENDING, Message.Status.SCHEDULED))
+        .exclude(pk=message.pk)
+        .select_related("customer__send_limit", "customer__provider_account")
+        .order_by("pk")
+    )
+
+
+def send_plan(message: Message, *, at: datetime | None = None) -> SendPlan:
+    """What starting `message` now (or at `at`) will do, with every send it competes with."""
+    now = timezone.now()
+    starts_at = max(at or now, now)
+    window_s = settings.SEND_WINDOW_MS / 1000
+    customer = message.customer
+    others = _competing(message)
+    queued = _queued([message.pk, *(m.pk for m in others)])
+    recipients = queued.get(message.pk, 0)
+    rates = {customer.pk: _customer_rate(customer, window_s)}
+    for other in others:
+        if other.customer_id not in rates:
+            rates[other.customer_id] = _customer_rate(other.customer, window_s)
+
+    def as_send(m: Message, begins: datetime) -> planner.Send:
+        return planner.Send(
+            key=m.pk,
+            customer=m.customer_id,
+            account=m.customer.provider_account_id,
+            starts_s=(begins - now).total_seconds(),
+            remaining=queued.get(m.pk, 0),
+            per_minute=rates[m.customer_id][0],
+        )
+
+    sends = [as_send(message, starts_at)] + [
+        as_send(m, m.started_at if m.status == Message.Status.SENDING else m.scheduled_at)
+        for m in others
+    ]
+    caps = {
+        m.customer.provider_account_id: m.customer.provider_account.per_minute_cap
+        for m in [message, *others]
+        if m.customer.provider_account_id is not None
+    }
+    finishes = planner.plan_sends(sends, account_caps=caps, window_s=window_s)
+    without = planner.timeline(sends[1:], account_caps=caps, window_s=window_s)
+    mine = finishes[message.pk]
+    per_minute, reason = rates[customer.pk]
+    begins_s = sends[0].starts_s
+    plan = planner.Plan(
+        per_minute=per_minute,
+        seconds=None
+        if mine.seconds is None
+        else math.ceil(planner.in_bursts(max(0.0, mine.seconds - begins_s), window_s=window_s)),
+        reason=reason,
+    )
+
+    def at_s(seconds):
+        return None if seconds is None else now + timedelta(seconds=seconds)
+
+    by_pk = {m.pk: m for m in others}
+    overlaps = []
+    for key in mine.shared_with:
+        other = by_pk[key]
+        cap, whose = (
+            (per_minute, f"{customer}'s limit")
+            if other.customer_id == customer.pk
+            else (caps[customer.provider_account_id], "the provider account's cap")
+        )
+        text = f"“{message}” and “{other}” ({other.customer}) share {cap:,}/min ({whose})"
+        late = []
+        if mine.delayed:
+            late.append(_later(message, at_s(mine.seconds), at_s(mine.alone_s), customer))
+        theirs, alone = finishes[key].seconds, without.get(key)
+        if theirs is not None and alone is not None and theirs - alone > max(1.0, 0.01 * alone):
+            late.append(_later(other, at_s(theirs), at_s(alone), customer))
+        overlaps.append(f"{text}: {'; '.join(late)}." if late else f"{text}.")
+    ahead = sum(
+        queued.get(m.pk, 0)
+        for m in others
+        if m.customer_id == customer.pk and m.status == Message.Status.SENDING
+    )
+    sharing = len({by_pk[k].customer_id for k in mine.shared_with} - {customer.pk})
     problems = []
     if not customer.is_active:
         problems.append(f"{customer} is not active.")
-    if account is None:
+    if customer.provider_account is None:
         problems.append(f"{customer} has no provider account to send through.")
     if not recipients:
         problems.append("It has no recipients to send to.")
@@ -92,8 +180,21 @@ def send_plan(message: Message) -> SendPlan:
         ahead=ahead,
         sharing=sharing,
         plan=plan,
+        starts_at=starts_at,
+        finishes_at=at_s(mine.seconds),
+        overlaps=tuple(overlaps),
         problems=tuple(problems),
     )
+
+
+def _later(message: Message, then: datetime | None, alone: datetime | None, customer) -> str:
+    zone = customer.time_zone
+    if then is None:
+        return f"“{message}” does not finish (a paused customer)"
+    then, alone = then.astimezone(zone), alone.astimezone(zone)
+    # To the second when the minutes alone would not show the difference.
+    shown = "%H:%M" if f"{then:%H:%M}" != f"{alone:%H:%M}" else "%H:%M:%S"
+    return f"“{message}” finishes at {then:{shown}}, not {alone:{shown}}"
 
 
 def cancel_plan(message: Message) -> CancelPlan:

@@ -1,5 +1,5 @@
 """What is sent and the engine's state: Message, Recipient, Worker, Lease, CustomerMinute,
-ConductorLease; and what providers told us afterwards: TrackingEvent."""
+ConductorLease, CustomerPacing, TestSend; and what providers told us afterwards: TrackingEvent."""
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -35,6 +35,11 @@ class Message(models.Model):
     html_body = models.TextField(blank=True, help_text="HTML, autoescaped. Merge fields as above.")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)
     scheduled_at = models.DateTimeField(null=True, blank=True)
+    start_problem = models.TextField(
+        blank=True,
+        editable=False,
+        help_text="Why its scheduled start failed (it went back to draft); cleared once it starts.",
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -392,3 +397,41 @@ class TrackingEvent(models.Model):
 
     def __str__(self):
         return f"{self.esp} {self.event_type} {self.email}"
+
+
+class TestSend(models.Model):
+    """A test send: a message rendered with one recipient's merge data, sent to a few staff
+    addresses through the customer's provider, charged to the customer's minute like any send."""
+
+    __test__ = False  # not a test case, whatever pytest makes of its name
+
+    class Outcome(models.TextChoices):
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed at the provider"
+        REFUSED = "refused", "Refused (no budget left in the minute)"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="test_sends")
+    addresses = models.JSONField(default=list, help_text="The staff addresses it went to.")
+    merge_from = models.ForeignKey(
+        Recipient,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The recipient whose merge data it was rendered with.",
+    )
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    detail = models.TextField(blank=True, help_text="Provider ids, or why it failed.")
+    minute_start = models.DateTimeField(
+        null=True, blank=True, help_text="The calendar minute it was charged to."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"test send of {self.message_id} to {', '.join(self.addresses)}"

@@ -97,3 +97,161 @@ def steady(previous: float | None, measured: float, *, dt_s: float, tau_s=STEADY
         return measured
     weight = 1 - math.exp(-max(dt_s, 0) / tau_s)
     return previous + (measured - previous) * weight
+
+
+# Several sends at once ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message's send, as the timeline sees it."""
+
+    key: int  # the message's id
+    customer: int
+    account: int | None  # the provider account (None: the customer has none)
+    starts_s: float  # seconds from now; when it started (negative) for a send already running
+    remaining: int  # recipients left to send
+    per_minute: int  # the most the customer gets: see customer_per_minute()
+
+
+@dataclass(frozen=True)
+class Finish:
+    key: int
+    seconds: float | None  # from now, sharing as planned; None: it will not finish
+    alone_s: float | None  # from now, were it the only send of its account and customer
+    shared_with: tuple[int, ...]  # the sends it shares capacity with while it runs
+
+    @property
+    def delayed(self) -> bool:
+        """It finishes noticeably later than it would alone (1 % or a second)."""
+        if self.seconds is None or self.alone_s is None:
+            return self.seconds != self.alone_s
+        return self.seconds - self.alone_s > max(1.0, 0.01 * self.alone_s)
+
+
+def customer_per_minute(
+    *,
+    per_minute: int,
+    account_cap: int | None,
+    max_workers: int,
+    worker_per_s: float | None,
+    window_s: float = 60,
+    paused: bool = False,
+) -> tuple[int, str]:
+    """The most one customer's sends get per window, and what sets it: its limit, the account's
+    cap, or its workers (max_workers times the measured per-worker rate, when one was measured)."""
+    rate, reason = planned_per_minute(per_minute=per_minute, account_cap=account_cap, paused=paused)
+    if rate and worker_per_s:
+        workers = math.floor(max_workers * worker_per_s * window_s)
+        if workers < rate:
+            return (
+                workers,
+                f"{max_workers} worker{'s' if max_workers != 1 else ''} at the measured rate",
+            )
+    return rate, reason
+
+
+def _fair_shares(demands: dict[int, float], cap: float) -> dict[int, float]:
+    """Max-min fair split of `cap` among demands (water-filling): nobody gets more than it asks,
+    what one leaves is shared by the others."""
+    shares: dict[int, float] = {}
+    left = dict(demands)
+    budget = cap
+    while left:
+        each = budget / len(left)
+        small = {k: d for k, d in left.items() if d <= each}
+        if not small:
+            shares.update({k: each for k in left})
+            break
+        for k, d in small.items():
+            shares[k] = d
+            budget -= d
+            del left[k]
+    return shares
+
+
+def timeline(
+    sends: list[Send], *, account_caps: dict[int, int], window_s: float = 60
+) -> dict[int, float | None]:
+    """When each send finishes (seconds from now), all of them running as planned.
+
+    A customer's sends are served one after the other, oldest started first; each customer
+    gets at most its `per_minute`; the customers sending through one provider account share
+    its cap (max-min fair: one that needs less leaves the rest to the others). Rates are
+    constant between events (a send starting or finishing): the loop runs twice per send.
+    """
+    left = {s.key: float(s.remaining) for s in sends}
+    finished: dict[int, float | None] = {s.key: None for s in sends}
+    for s in sends:
+        if s.remaining <= 0:
+            left[s.key] = 0.0
+            finished[s.key] = max(s.starts_s, 0.0)
+    now = 0.0
+    for _ in range(2 * len(sends) + 2):
+        running = {}
+        for s in sorted(sends, key=lambda s: (s.starts_s, s.key)):
+            if s.starts_s <= now and left[s.key] > 0 and s.customer not in running:
+                running[s.customer] = s
+        rates = _rates(running, account_caps=account_caps, window_s=window_s)
+        upcoming = [s.starts_s for s in sends if s.starts_s > now and left[s.key] > 0]
+        steps = [left[s.key] / rates[s.key] for s in running.values() if rates[s.key] > 0]
+        if upcoming:
+            steps.append(min(upcoming) - now)
+        if not steps:
+            break
+        dt = min(steps)
+        for s in running.values():
+            left[s.key] -= rates[s.key] * dt
+            if left[s.key] <= 1e-6:
+                left[s.key] = 0.0
+                finished[s.key] = now + dt
+        now += dt
+    return finished
+
+
+def _rates(running: dict[int, Send], *, account_caps: dict[int, int], window_s: float):
+    rates = {}
+    by_account: dict[int, dict[int, float]] = {}
+    for customer, s in running.items():
+        demand = s.per_minute / window_s
+        if s.account is None or s.account not in account_caps:
+            rates[s.key] = demand
+        else:
+            by_account.setdefault(s.account, {})[customer] = demand
+    for account, demands in by_account.items():
+        shares = _fair_shares(demands, account_caps[account] / window_s)
+        for customer, share in shares.items():
+            rates[running[customer].key] = share
+    return rates
+
+
+def plan_sends(
+    sends: list[Send], *, account_caps: dict[int, int], window_s: float = 60
+) -> dict[int, Finish]:
+    """Each send's finish with the others, alone, and which sends it shares capacity with."""
+    together = timeline(sends, account_caps=account_caps, window_s=window_s)
+    plans = {}
+    for s in sends:
+        alone = timeline([s], account_caps=account_caps, window_s=window_s)[s.key]
+        end = together[s.key]
+        shared = tuple(
+            o.key
+            for o in sends
+            if o.key != s.key
+            and (o.customer == s.customer or (o.account is not None and o.account == s.account))
+            and o.remaining > 0
+            and o.starts_s < (end if end is not None else math.inf)
+            and (together[o.key] is None or together[o.key] > max(s.starts_s, 0))
+        )
+        plans[s.key] = Finish(key=s.key, seconds=end, alone_s=alone, shared_with=shared)
+    return plans
+
+
+def in_bursts(seconds: float | None, *, window_s: float = 60) -> float | None:
+    """A steady-rate duration as pacing delivers it: each minute's budget goes out in a burst at
+    the minute's start, so a send of k minutes' budget ends early in its k-th minute — on
+    average 1.5 minutes before the steady rate says (half a minute for where in its first minute
+    it starts). Sends shorter than two minutes are left as they are."""
+    if seconds is None or seconds < 2 * window_s:
+        return seconds
+    return seconds - 1.5 * window_s

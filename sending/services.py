@@ -9,6 +9,7 @@ import logging
 from datetime import datetime
 
 from celery import current_app
+from django.conf import settings
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
@@ -95,7 +96,8 @@ def message_start(*, message_id: int, user=None, now: datetime | None = None) ->
         verb="start it",
     )
     message.started_at = now or timezone.now()
-    message.save(update_fields=["status", "started_at", "updated_at"])
+    message.start_problem = ""
+    message.save(update_fields=["status", "started_at", "start_problem", "updated_at"])
     _record(message, user, "Started sending")
     _kick(message.customer_id)
     return message
@@ -115,25 +117,27 @@ def message_schedule(*, message_id: int, at: datetime, user=None) -> Message:
         verb="schedule it",
     )
     message.scheduled_at = at
-    message.save(update_fields=["status", "scheduled_at", "updated_at"])
+    message.start_problem = ""
+    message.save(update_fields=["status", "scheduled_at", "start_problem", "updated_at"])
     _record(message, user, f"Scheduled for {at.isoformat()}")
     return message
 
 
-def start_due_messages(*, now: datetime | None = None) -> list[int]:
-    """Start every scheduled message whose time has come (run by the beat watchdog)."""
-    now = now or timezone.now()
-    due = Message.objects.filter(status=Message.Status.SCHEDULED, scheduled_at__lte=now)
-    started = []
-    for message_id in due.values_list("pk", flat=True):
-        try:
-            message_start(message_id=message_id, now=now)
-        except ValidationError as exc:
-            # Leave it scheduled and visible; staff see why in the log and on the message.
-            log.error("scheduled message %s could not start: %s", message_id, exc.messages)
-            continue
-        started.append(message_id)
-    return started
+@transaction.atomic
+def message_unschedule(*, message_id: int, user=None) -> Message:
+    """Scheduled → draft: it will not start by itself."""
+    _check(user, "start_message")
+    message = _locked(message_id)
+    _transition(
+        message,
+        to=Message.Status.DRAFT,
+        allowed=(Message.Status.SCHEDULED,),
+        verb="unschedule it",
+    )
+    message.scheduled_at = None
+    message.save(update_fields=["status", "scheduled_at", "updated_at"])
+    _record(message, user, "Unscheduled")
+    return message
 
 
 @transaction.atomic
@@ -231,4 +235,46 @@ def message_retry_unknown(*, message_id: int, user=None) -> int:
         f"Retried {requeued} unknown recipients (each may get the email twice)",
     )
     _kick(message.customer_id)
+
+
+def retryable_failures(message_id: int):
+    """Recipients that failed only because their temporary failures used up every attempt (a
+    permanent refusal on an earlier attempt has fewer attempts and is not retried)."""
+    return Recipient.objects.filter(
+        message_id=message_id,
+        status=Recipient.Status.FAILED,
+        attempts__gte=settings.SEND_MAX_ATTEMPTS,
+    )
+
+
+@transaction.atomic
+def message_retry_failed(*, message_id: int, user=None) -> int:
+    """Queue again, with fresh attempts, the recipients whose temporary failures ran out of
+    attempts (one statement). A completed message is sending again; a paused one sends them
+    once resumed. Returns how many were queued."""
+    _check(user, "start_message")
+    message = _locked(message_id)
+    if message.status not in (
+        Message.Status.SENDING,
+        Message.Status.PAUSED,
+        Message.Status.COMPLETED,
+    ):
+        raise ValidationError(
+            f"“{message}” is {message.get_status_display().lower()}: "
+            "cannot retry its failed recipients."
+        )
+    requeued = retryable_failures(message.pk).update(status=Recipient.Status.QUEUED, attempts=0)
+    if not requeued:
+        raise ValidationError(f"“{message}” has no failed recipients to retry.")
+    # Claims look past the cursor first: start it again so these are found at once.
+    message.claim_after = 0
+    fields = ["claim_after", "updated_at"]
+    if message.status == Message.Status.COMPLETED:
+        message.status = Message.Status.SENDING
+        message.completed_at = None
+        fields += ["status", "completed_at"]
+    message.save(update_fields=fields)
+    _record(message, user, f"Retrying {requeued} failed recipients")
+    if message.status == Message.Status.SENDING:
+        _kick(message.customer_id)
     return requeued

@@ -6,7 +6,7 @@ import uuid
 
 from celery import shared_task
 
-from . import alerts, conductor, services, shards
+from . import alerts, conductor, scheduling, shards
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ def conduct_shard(shard: int, holder: str | None = None) -> str:
 def watchdog() -> dict:
     """Run by beat every few seconds: start scheduled messages that are due, and a chain for
     every shard with a customer sending and no live conductor (a crashed chain is replaced once
-    its leases expire)."""
-    started = services.start_due_messages()
+    its leases expire). Messages due before its next run are handed to `start_scheduled` for
+    their exact time (when SCHEDULE_HANDOVER is on)."""
+    started = scheduling.start_due_messages()
     orphans = conductor.customers_needing_a_conductor()
     alerts.conductors_silent(orphans)
     kicked = sorted({shards.shard_of(c) for c in orphans})
@@ -57,3 +58,10 @@ def watchdog() -> dict:
     if started or orphans:
         log.info("watchdog: started messages %s, conductors for %s", started, orphans)
     return {"started": started, "conductors": orphans, "shards": kicked}
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def start_scheduled(message_ids: list[int], expected_at: str) -> list[int]:
+    """Start scheduled messages at their time (enqueued by the watchdog with that `eta`, seconds
+    ahead). Idempotent: it starts only messages still scheduled for `expected_at` and due."""
+    return scheduling.start_handed_over(message_ids, expected_at)

@@ -18,6 +18,7 @@ from ..selectors import (
     messages_with_progress,
     progress_of,
 )
+from .schedule import ScheduleActions
 from .unknowns import UnknownRecipientsMixin
 
 # A <progress> element rather than a div sized by style="…": the site's CSP allows no inline style.
@@ -49,11 +50,12 @@ def recipients_url(message_id, **filters) -> str:
 
 
 @admin.register(Message)
-class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
+class MessageAdmin(UnknownRecipientsMixin, ScheduleActions, admin.ModelAdmin):
     list_display = (
         "subject",
         "customer",
         "status",
+        "starts",
         "recipient_total",
         "recipient_counts",
         "progress",
@@ -73,7 +75,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
         ("Body", {"fields": ["text_body", "html_body"]}),
         (
             "Schedule and status",
-            {"fields": ["status", "scheduled_at", "started_at", "completed_at"]},
+            {"fields": ["status", "scheduled_for", "started_at", "completed_at"]},
         ),
         (
             "Record",
@@ -86,6 +88,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
     # Status moves only through the send actions; these are written by the system.
     system_fields = (
         "status",
+        "scheduled_for",  # set by the Schedule page, in the customer's time zone
         "started_at",
         "completed_at",
         "created_by",
@@ -94,7 +97,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
         "purged_at",
     )
 
-    actions = ["send_now", "pause", "resume", "cancel", "retry_unknown"]
+    actions = ["send_now", "pause", "resume", "cancel", "retry_unknown", "unschedule"]
     # What the change page's buttons and the list's actions do: (service, permission, done text).
     SEND_ACTIONS = {
         "send": (services.message_start, "start_message", "Sending started"),
@@ -227,7 +230,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
             return self.system_fields
         if obj.is_content_frozen:
             # Once a send starts every recipient must get the same message.
-            return ("customer", *Message.CONTENT_FIELDS, "scheduled_at", *self.system_fields)
+            return ("customer", *Message.CONTENT_FIELDS, *self.system_fields)
         return ("customer", *self.system_fields)
 
     def has_delete_permission(self, request, obj=None):
@@ -285,7 +288,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
             ),
         ]
         # Before the defaults: their "<path:object_id>/" would swallow ".../import/".
-        return urls + self.unknown_urls() + super().get_urls()
+        return urls + self.unknown_urls() + self.schedule_urls() + super().get_urls()
 
     def preview_view(self, request, object_id):
         """The HTML body as its first recipient gets it, for the message page's sandboxed iframe.
@@ -355,6 +358,7 @@ class MessageAdmin(UnknownRecipientsMixin, admin.ModelAdmin):
                 **self.unknown_context(
                     request, message, progress.by_status.get(Recipient.Status.UNKNOWN, 0)
                 ),
+                **self.schedule_context(request, message),
                 **(FROZEN_SUBMIT_ROW if message.is_content_frozen else {}),
                 **(extra_context or {}),
             }

@@ -8,7 +8,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.utils import timezone
 
 from customers.models import Customer, ProviderAccount, SendLimit
-from sending import checkin, conductor, live, services, tasks
+from sending import checkin, conductor, live, scheduling, services, tasks
 from sending.clock import Clock
 from sending.models import ConductorLease, Lease, Message, Recipient, Worker
 from tests.factories import T0, WINDOW_MS, call, make_message
@@ -222,7 +222,7 @@ def test_due_scheduled_messages_start(customer):
     message = _draft(customer)
     later = timezone.now() + timedelta(minutes=5)
     services.message_schedule(message_id=message.pk, at=later)
-    assert services.start_due_messages(now=later - timedelta(seconds=1)) == []
-    assert services.start_due_messages(now=later) == [message.pk]
+    assert scheduling.start_due_messages(now=later - timedelta(seconds=1)) == []
+    assert scheduling.start_due_messages(now=later) == [message.pk]
     message.refresh_from_db()
     assert message.status == "sending"
