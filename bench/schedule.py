@@ -34,6 +34,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 
+from bench import deliverability
 from bench.harness import (
     Fleet,
     FleetSpec,
@@ -169,12 +170,37 @@ def run_round(handover: bool) -> dict:
         fleet.delete()
 
 
+def _deliverability(events: int) -> dict:
+    """Webhook ingestion and one-click unsubscribes over HTTP, each beside its baseline (the
+    server's cheapest answers), as `python -m bench.deliverability` measures them."""
+    from bench.worker_api import Server
+
+    server = Server()
+    try:
+        server.wait_ready()
+        webhooks = deliverability.measure_webhooks(events, server=server)
+        unsubscribes = deliverability.measure_unsubscribes(max(1, events // 2), server=server)
+    finally:
+        server.stop()
+    print(f"[deliverability] {json.dumps({**webhooks, **unsubscribes})}", flush=True)
+    return {**webhooks, **unsubscribes}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.schedule", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--skip-handover", action="store_true")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=10_000,
+        help="tracking events posted for the webhook figure (bench.deliverability); 0 skips it",
+    )
     args = parser.parse_args(argv)
+    # The webhook and unsubscribe figures the issue asks beside the start latency come from
+    # bench.deliverability, on the same database; its server needs the webhook secret it posts.
+    os.environ["ANYMAIL_WEBHOOK_SECRET"] = deliverability.WEBHOOK_SECRET
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
     conf = configure_environment(database_url=database_url, redis_url=redis_url)
@@ -191,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {json.dumps(rounds[name])}", flush=True)
     finally:
         flush_redis(redis_url)
+    delivered = _deliverability(args.events) if args.events else {}
     ours = rounds["watchdog"]["first_grant"]
     other = rounds.get("handover", {}).get("first_grant", {})
     out = {
@@ -198,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "start_latency_p95_ms": ours["p95_ms"],
         "handover_start_latency_p50_ms": other.get("p50_ms"),
         "handover_start_latency_p95_ms": other.get("p95_ms"),
+        "webhook_events_per_s": delivered.get("webhook_events_per_s"),
+        "unsubscribes_per_s": delivered.get("unsubscribes_per_s"),
+        "deliverability": delivered,
         "rounds": rounds,
         "settings": {
             "customers": CUSTOMERS,
