@@ -235,6 +235,7 @@ def message_retry_unknown(*, message_id: int, user=None) -> int:
         f"Retried {requeued} unknown recipients (each may get the email twice)",
     )
     _kick(message.customer_id)
+    return requeued
 
 
 def retryable_failures(message_id: int):

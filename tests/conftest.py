@@ -106,9 +106,9 @@ def staff_groups(transactional_db):
 
     editor = SimpleNamespace(connection=connection)
     importlib.import_module("customers.migrations.0002_groups").add_groups(apps, editor)
-    importlib.import_module("customers.migrations.0007_resubscription_permissions").grant(
-        apps, editor
-    )
+    # Later migrations that grant the groups more (exports: Support; resubscriptions' audit).
+    for later in ("0005_support_exports_delivery_logs", "0007_resubscription_permissions"):
+        importlib.import_module(f"customers.migrations.{later}").grant(apps, editor)
 
 
 @pytest.fixture

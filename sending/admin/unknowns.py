@@ -16,9 +16,9 @@ from django.urls import path, reverse
 from .. import services
 from ..confirm import retry_unknown_plan
 from ..models import Message, Recipient
+from .recipients import EXPORT_PERMISSION
 
 RETRY_PERMISSION = "sending.start_message"  # a retry sends: who may start a send may retry
-EXPORT_PERMISSION = "sending.view_recipient"  # the delivery log export's own
 
 
 def unknown_export_url(message_id: int) -> str:
