@@ -19,6 +19,7 @@ WORKDIR /app
 # placeholders exist only for this command and are no secrets of any deployment.
 RUN DEBUG=false SECRET_KEY=collectstatic-build-placeholder \
     FIELD_ENCRYPTION_KEY=Y29sbGVjdHN0YXRpYy1idWlsZC1wbGFjZWhvbGRlciE= \
+    UNSUBSCRIBE_KEY=collectstatic-build-placeholder ANYMAIL_WEBHOOK_SECRET=build:placeholder \
     STATIC_ROOT=/app/staticfiles /opt/venv/bin/python manage.py collectstatic --noinput -v 0 \
  && /opt/venv/bin/python -m compileall -q /app /opt/venv/lib
 
