@@ -119,10 +119,14 @@ def test_the_web_role_serves_tls_from_pem_secrets_and_stops_cleanly_on_sigterm(t
         session.close()
         process.kill()
         process.communicate()
-    written = [
+    # Whatever happened above, this run's key is not left behind, and no key file anyone's run
+    # left is readable by others. (This asserted `written and …`: true only on a machine where an
+    # earlier run had left a key behind, so it failed on a clean one.)
+    left = [
         p for p in Path("/tmp").glob("emailops-tls-*/tls_key") if p.stat().st_uid == os.getuid()
     ]
-    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
+    assert all(p.read_text() != key.read_text() for p in left)
+    assert all(p.stat().st_mode & 0o077 == 0 for p in left)
 
 
 def test_the_conductor_answers_its_health_check_and_stops_on_sigterm_through_soft_shutdown(
