@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "WORKER_TOKEN_KEY": Fernet.generate_key().decode() + "-image-test-worker-token-key",
         "UNSUBSCRIBE_KEY": Fernet.generate_key().decode(),
         "ANYMAIL_WEBHOOK_SECRET": "provider:" + Fernet.generate_key().decode(),
+        "PUBLIC_BASE_URL": "https://mail.emailops.example",  # unsubscribe links must be https
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "HOST": "127.0.0.1",
         "PORT": str(args.port),
