@@ -2,14 +2,20 @@
 limits on their own pages (history kept), suppressions. Provider accounts: admin_accounts.py."""
 
 from django.contrib import admin
-from django.core.exceptions import ValidationError
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, F, Q
 from django.forms.models import BaseInlineFormSet
+from django.http import Http404
 from django.template.loader import render_to_string
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 
-from . import admin_accounts  # noqa: F401 - registers the provider accounts' admin
+from . import (
+    admin_accounts,  # noqa: F401 - registers the provider accounts' admin
+    domain_check,
+)
 from .admin_history import AuditedAdmin
 from .models import Customer, SendLimit
 from .services import send_limit_ensure, send_limit_fits_account
@@ -130,7 +136,7 @@ class CustomerAdmin(admin.ModelAdmin):
     readonly_fields = ("send_limit_changes", "created_at", "updated_at")
     fieldsets = [
         (None, {"fields": ["name", "slug", "is_active", "provider_account", "time_zone"]}),
-        ("Sender", {"fields": ["default_from_email", "default_reply_to"]}),
+        ("Sender", {"fields": ["default_from_email", "default_reply_to", "dkim_selector"]}),
         ("Alerts", {"fields": ["alert_email"]}),
         (
             "Automatic halt",
@@ -157,6 +163,36 @@ class CustomerAdmin(admin.ModelAdmin):
                 n_sending=Count("messages", filter=Q(messages__status="sending")),
             )
         )
+
+    def get_urls(self):
+        return [
+            path(
+                "<path:object_id>/domain/",
+                self.admin_site.admin_view(self.domain_check_view),
+                name="customers_customer_domain",
+            ),
+            *super().get_urls(),
+        ]
+
+    def domain_check_view(self, request, object_id):
+        """SPF, DKIM and DMARC for the customer's from-domain, looked up now (a few DNS
+        queries, each bounded by DNS_TIMEOUT_S): read only, so a GET."""
+        customer = self.get_object(request, unquote(object_id))
+        if customer is None:
+            raise Http404("No such customer.")
+        if not self.has_view_permission(request, customer):
+            raise PermissionDenied
+        domain = domain_check.from_domain(customer.default_from_email)
+        report = domain_check.check_domain(domain, customer.dkim_selector)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "original": customer,
+            "title": f"Sending domain of {customer}",
+            "report": report,
+            "has_change_permission": self.has_change_permission(request, customer),
+        }
+        return TemplateResponse(request, "admin/customers/customer/domain_check.html", context)
 
     def get_fieldsets(self, request, obj=None):
         if obj is None:

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -185,6 +185,20 @@ class Customer(models.Model):
     time_zone = TimeZoneField(default="UTC", help_text="Schedules are shown in this time zone.")
     default_from_email = models.EmailField()
     default_reply_to = models.EmailField(blank=True)
+    dkim_selector = models.CharField(
+        "DKIM selector",
+        max_length=63,
+        blank=True,
+        validators=[
+            RegexValidator(
+                r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$",
+                "A selector is one or more DNS labels: letters, digits and hyphens, "
+                "separated by dots.",
+            )
+        ],
+        help_text="The selector the provider signs this customer's mail with (for "
+        "s1._domainkey.example.edu, enter s1). The sending-domain check looks up its key.",
+    )
     provider_account = models.ForeignKey(
         ProviderAccount,
         on_delete=models.PROTECT,

@@ -11,3 +11,10 @@ import os
 os.environ.setdefault("DEBUG", "true")
 
 from emailops.settings import *  # noqa: F403
+
+# The sending-domain check never asks this machine's resolvers: a test that wants answers starts
+# a DNS server of its own (tests/dns_server.py) and points these at it. Port 9 has no listener,
+# so a page that looks something up unasked (the admin crawl) is refused at once.
+DNS_NAMESERVERS = ["127.0.0.1"]
+DNS_PORT = 9
+DNS_TIMEOUT_S = 0.5
