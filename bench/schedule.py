@@ -7,13 +7,13 @@ Runs the production topology of bench.harness (uvicorn, Celery workers and beat 
 watchdog every WATCHDOG_S at its default, local workers in threads, the sandbox provider) twice
 in one run, each time with a fresh fleet:
 
-- watchdog (the default, SCHEDULE_HANDOVER=false): the watchdog starts what is due, so a start
-  waits for the first watchdog run after its time;
-- hand-over (SCHEDULE_HANDOVER=true): the watchdog also hands the messages due before its next
-  run to Celery with an `eta` of their scheduled time (sending/scheduling.py).
+- watchdog only (SCHEDULE_HANDOVER=false): the watchdog starts what is due, so a start waits for
+  the first watchdog run after its time;
+- hand-over (SCHEDULE_HANDOVER=true, the default): the watchdog also hands the messages due
+  before its next run to Celery with an `eta` of their scheduled time (sending/scheduling.py).
 
-The JSON's `start_latency_*` are the default's; `handover_start_latency_*` the alternative's,
-measured beside it in the same run.
+The JSON's `start_latency_*` are the default's (hand-over); `watchdog_only_start_latency_*` the
+alternative's, measured beside it in the same run.
 
 Each customer has 5 messages of 2 recipients and a batch size of 20, so its first grant takes
 recipients of all five: a message's first grant measures its start, not its turn behind the
@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.schedule", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--skip-handover", action="store_true")
+    parser.add_argument(
+        "--skip-watchdog-only", action="store_true", help="only the default (hand-over) round"
+    )
     parser.add_argument(
         "--events",
         type=int,
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = {}
     try:
         for name, handover in (("watchdog", False), ("handover", True)):
-            if name == "handover" and args.skip_handover:
+            if name == "watchdog" and args.skip_watchdog_only:
                 continue
             flush_redis(redis_url)
             rounds[name] = run_round(handover)
@@ -218,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         flush_redis(redis_url)
     delivered = _deliverability(args.events) if args.events else {}
-    ours = rounds["watchdog"]["first_grant"]
-    other = rounds.get("handover", {}).get("first_grant", {})
+    # The default mechanism (SCHEDULE_HANDOVER on) is the figure; the watchdog alone beside it.
+    ours = rounds["handover"]["first_grant"]
+    other = rounds.get("watchdog", {}).get("first_grant", {})
     out = {
         "start_latency_p50_ms": ours["p50_ms"],
         "start_latency_p95_ms": ours["p95_ms"],
-        "handover_start_latency_p50_ms": other.get("p50_ms"),
-        "handover_start_latency_p95_ms": other.get("p95_ms"),
+        "watchdog_only_start_latency_p50_ms": other.get("p50_ms"),
+        "watchdog_only_start_latency_p95_ms": other.get("p95_ms"),
         "webhook_events_per_s": delivered.get("webhook_events_per_s"),
         "unsubscribes_per_s": delivered.get("unsubscribes_per_s"),
         "deliverability": delivered,

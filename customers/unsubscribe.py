@@ -11,6 +11,10 @@ that one customer's mail, which is what the link is for; a changed byte makes it
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -35,7 +39,40 @@ def _signer() -> signing.Signer:
 
 
 def make_token(*, customer_id: int, email: str) -> str:
-    return _signer().sign_object({"c": customer_id, "e": email.strip().lower()}, compress=False)
+    return token_maker()(customer_id, email)
+
+
+def token_maker():
+    """`make(customer_id, email) -> token`, byte for byte what `Signer.sign_object` makes (so
+    `read_token` reads it), with the derived HMAC key worked out once: Django's signer derives
+    it again for every token, which was 40 % of a 500-recipient check-in's CPU."""
+    signer = _signer()
+    derived = hashlib.sha256((signer.salt + "signer" + signer.key).encode()).digest()
+    keyed = hmac.new(derived, digestmod=hashlib.sha256)
+    sep = signer.sep
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).strip(b"=").decode()
+
+    def make(customer_id: int, email: str) -> str:
+        # JSONSerializer's bytes: compact separators, ASCII escapes, latin-1. A printable ASCII
+        # address without a quote or backslash needs no escaping, which is nearly every one.
+        address = email.strip().lower()
+        if (
+            address.isascii()
+            and address.isprintable()
+            and '"' not in address
+            and "\\" not in address
+        ):
+            payload = f'{{"c":{int(customer_id)},"e":"{address}"}}'
+        else:
+            payload = json.dumps({"c": customer_id, "e": address}, separators=(",", ":"))
+        value = b64(payload.encode("latin-1"))
+        mac = keyed.copy()
+        mac.update(value.encode())
+        return value + sep + b64(mac.digest())
+
+    return make
 
 
 def read_token(token: str) -> Unsubscribe:
@@ -63,8 +100,9 @@ def url_maker():
     path = reverse("public:unsubscribe", kwargs={"token": marker})
     before, after = path.split(marker)
     prefix = settings.PUBLIC_BASE_URL.rstrip("/") + before
+    token = token_maker()
 
     def make(customer_id: int, email: str) -> str:
-        return prefix + make_token(customer_id=customer_id, email=email) + after
+        return prefix + token(customer_id, email) + after
 
     return make

@@ -2,7 +2,7 @@
 
 Starting stays database-driven: beat runs the watchdog every WATCHDOG_S, and the watchdog
 (`start_due_messages`) starts every scheduled message whose time has come. With
-SCHEDULE_HANDOVER on (off by default: measured slower, docs/benchmarks.md), it also hands the
+SCHEDULE_HANDOVER on (the default), it also hands the
 messages due before its next run to Celery with an `eta` of their scheduled time (one task per
 instant, `start_handed_over`): a few seconds ahead at most, far inside Redis's visibility timeout,
 and harmless if it is lost or runs twice (the next watchdog run starts what is due; a start
@@ -114,11 +114,8 @@ def start_due_messages(*, now: datetime | None = None) -> list[int]:
     the next run to Celery for their exact time. Returns the ids started here."""
     now = now or timezone.now()
     scheduled = Message.objects.filter(status=Message.Status.SCHEDULED)
-    started = [
-        message_id
-        for message_id in scheduled.filter(scheduled_at__lte=now).values_list("pk", flat=True)
-        if start_scheduled(message_id, now=now)
-    ]
+    due = list(scheduled.filter(scheduled_at__lte=now).values_list("pk", flat=True))
+    started = _start_many(due, now=now)
     if not settings.SCHEDULE_HANDOVER:
         return started
     horizon = now + timedelta(seconds=settings.WATCHDOG_S + HANDOVER_MARGIN_S)
@@ -141,7 +138,35 @@ def start_handed_over(message_ids: list[int], expected_at: str) -> list[int]:
         # A timer may fire a little early (another host's clock): wait for the time itself
         # rather than leave the start to the next watchdog run.
         time_module.sleep(early)
-    return [m for m in message_ids if start_scheduled(m, expected_at=expected_at)]
+    return _start_many(message_ids, now=timezone.now(), expected_at=expected_at)
+
+
+def _start_many(message_ids: list[int], *, now: datetime, expected_at: str | None = None):
+    """Start what can start in one statement (`services.start_due`); the rest one by one, which
+    sends a message that cannot start back to draft with the reason. Returns the ids started."""
+    at = None if expected_at is None else datetime.fromisoformat(expected_at)
+    started = services.start_due(message_ids=message_ids, now=now, scheduled_at=at)
+    done = set(started)
+    for message_id in message_ids:
+        if message_id not in done and start_scheduled(message_id, expected_at=expected_at, now=now):
+            started.append(message_id)
+    if done:  # the one-by-one starts say for themselves when they are late
+        _warn_late(sorted(done), now=now)
+    return sorted(started)
+
+
+def _warn_late(message_ids: list[int], *, now: datetime) -> None:
+    for message_id, customer_id, at in Message.objects.filter(pk__in=message_ids).values_list(
+        "pk", "customer_id", "scheduled_at"
+    ):
+        late = (now - at).total_seconds() if at else None
+        if late is not None and late > LATE_AFTER_S:
+            log.warning(
+                "scheduled message %s started %.0f s late",
+                message_id,
+                late,
+                extra={"message_id": message_id, "customer_id": customer_id},
+            )
 
 
 def start_scheduled(message_id: int, *, expected_at: str | None = None, now=None) -> int | None:

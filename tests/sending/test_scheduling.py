@@ -75,6 +75,37 @@ def test_a_send_scheduled_across_the_dst_change_starts_at_its_wall_clock_time(en
     assert message.started_at == at
 
 
+def test_due_messages_start_together_one_kick_a_customer_and_the_rest_say_why(
+    enqueued_tasks, django_capture_on_commit_callbacks
+):
+    first, second, closed = (CustomerFactory(time_zone="America/Chicago") for _ in range(3))
+    ready = [_schedulable(first) for _ in range(3)] + [_schedulable(second) for _ in range(2)]
+    blocked = _schedulable(closed)
+    at = timezone.now() + timedelta(minutes=1)
+    for message in [*ready, blocked]:
+        services.message_schedule(message_id=message.pk, at=at)
+    closed.is_active = False
+    closed.save()
+    enqueued_tasks.purge()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert scheduling.start_due_messages(now=at) == sorted(m.pk for m in ready)
+
+    # One statement started them all at their time; each customer's conductor kicked once.
+    started = Message.objects.filter(pk__in=[m.pk for m in ready])
+    assert set(started.values_list("status", "started_at")) == {(Message.Status.SENDING, at)}
+    assert sorted(enqueued_tasks.take()) == [
+        ("sending.tasks.conduct", [first.pk]),
+        ("sending.tasks.conduct", [second.pk]),
+    ]
+    # The one that cannot start went the slow way: back to draft, saying why.
+    blocked.refresh_from_db()
+    assert blocked.status == Message.Status.DRAFT
+    assert "is not active" in blocked.start_problem
+    # A second run finds nothing more to start.
+    assert scheduling.start_due_messages(now=at) == []
+
+
 def test_the_watchdog_hands_over_what_is_due_before_its_next_run(settings, enqueued_tasks):
     settings.WATCHDOG_S = 2
     settings.SCHEDULE_HANDOVER = True
