@@ -844,8 +844,17 @@ def run_ours(
 
 
 def _log_problems(text: str) -> list[str]:
+    """Error lines, and each traceback's last line (the exception), which says what it was."""
     keep = ("ERROR", "Traceback", "CRITICAL")
-    return [line[:300] for line in text.splitlines() if any(k in line for k in keep)][:20]
+    found, in_traceback = [], False
+    for line in text.splitlines():
+        if any(k in line for k in keep):
+            found.append(line[:300])
+            in_traceback = "Traceback" in line
+        elif in_traceback and line and not line[0].isspace():
+            found.append(line[:300])
+            in_traceback = False
+    return found[:30]
 
 
 def run_baseline(

@@ -208,6 +208,7 @@ def spec_for(
     *,
     batch_size: int = 500,
     concurrency: int = 16,
+    workers_in: str = "lambda",
 ) -> FleetSpec:
     # The send limits a new customer gets (SendLimit's defaults: batches of up to 500, 16 calls
     # in flight), one worker at 120/min and up to four at 6,000/min.
@@ -219,6 +220,7 @@ def spec_for(
         concurrency=concurrency,
         max_workers=4 if per_minute > 600 else 1,
         celery_workers=celery_workers,
+        workers_in=workers_in,
         celery_app="bench.fleet_probe",
         asgi_app="bench.fleet_probe:application",
     )
@@ -441,11 +443,12 @@ def _snapshot(fleet: Fleet, backends: BackendCpu, redis_url: str) -> dict:
     web = [v for pid, v in found.items() if pid in web_pids]
     if len(celery) != len(celery_pids) or len(web) != 1:
         raise RuntimeError(f"probes missing: {sorted(found)} for celery {sorted(celery_pids)}")
-    workers = sum(v["worker_threads_cpu_s"] for v in celery)
+    in_celery = sum(v["worker_threads_cpu_s"] for v in celery)
     return {
         "at": at,
-        "celery": fleet.cpu_s("celery-worker") - workers,
-        "workers": workers,
+        "celery": fleet.cpu_s("celery-worker") - in_celery,
+        # Simulated workers: threads in the Celery processes, or the Lambda stand-in's process.
+        "workers": in_celery + fleet.cpu_s("lambda-local"),
         "web": fleet.cpu_s("uvicorn"),
         "postgres": backends.since({}),
         "celery_statements": sum(v["statements"] for v in celery),
@@ -557,6 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--celery-workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--noisy", action="store_true", help="also the noisy-neighbour run")
     parser.add_argument("--batch-size", type=int, default=500, help="the fleet's batch size")
+    parser.add_argument(
+        "--workers-in",
+        choices=("lambda", "celery"),
+        default="lambda",
+        help="simulated workers in bench.lambda_local's process (invoked by the Lambda runtime)"
+        " or as threads in the Celery processes",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight a worker")
     parser.add_argument("--no-fleet", action="store_true", help="skip the N runs (with --noisy)")
     parser.add_argument("--plot", default=None, help=f"write the curve here (e.g. {PLOT})")
@@ -591,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = spec_for(
                     n, per_minute, args.minutes, args.celery_workers,
                     batch_size=args.batch_size, concurrency=args.concurrency,
+                    workers_in=args.workers_in,
                 )  # fmt: skip
                 out["fleet"][label] = run(label, spec, minutes=args.minutes, redis_url=redis_url)
                 print(f"[{label}] {json.dumps(out['fleet'][label])}", flush=True)
@@ -598,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = spec_for(
                     20, 120, args.minutes, args.celery_workers,
                     batch_size=args.batch_size, concurrency=args.concurrency,
+                    workers_in=args.workers_in,
                 )  # fmt: skip
                 out["noisy"] = run(
                     "noisy", spec, minutes=args.minutes, redis_url=redis_url, noisy=True

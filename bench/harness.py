@@ -6,13 +6,14 @@ Shared by the benchmarks that need many customers live (``bench.live``, and the 
 - the web process: ``uvicorn emailops.asgi:application`` (worker API, admin, websockets);
 - a Celery worker (``--pool threads``) and Celery beat, on Redis;
 - PostgreSQL (``DATABASE_URL``);
-- workers run by the LOCAL runtime in THREAD mode inside the Celery worker process: the real
-  worker handler, no simulation, and no process per worker. A hundred customers means a hundred
-  worker threads at least; as processes they would need about 50 MB each and a Python start
-  (~0.5 s of CPU) per invocation, which two cores cannot give next to the server, the database
-  and the load generator. Threads share the Celery process's GIL, so the senders compete with
-  the conductor ticks for one core at most: a bench that measures the conductor or the web
-  process sees the sending as background load, not as a bottleneck of its own;
+- workers invoked through the production runtime (``WORKER_RUNTIME=lambda``: boto3's signed
+  ``Invoke``) at ``bench.lambda_local``, which runs each in a thread of its own process — the real
+  worker handler, no simulation, and no process per worker (``workers_in="celery"``: the LOCAL
+  runtime's threads inside the Celery processes instead, as before). A hundred customers means a
+  hundred worker threads at least; as processes they would need about 50 MB each and a Python
+  start (~0.5 s of CPU) per invocation, which two cores cannot give next to the server, the
+  database and the load generator. In their own process they no longer share the conductor's
+  GIL, as they would not on AWS; they still share the machine's two cores;
 - the sandbox provider (``python -m sending.sandbox``) as its own process, one API key per
   customer, each capped at the customer's limit, answering after a set latency.
 
@@ -49,6 +50,10 @@ class FleetSpec:
     # ticks and worker threads share one GIL).
     celery_workers: int = 2
     local_worker_timeout_s: int = 300
+    # Where the workers run: "lambda" (the production runtime, boto3 invoking bench.lambda_local,
+    # a process of its own) or "celery" (the LOCAL runtime's threads inside the Celery processes,
+    # sharing the conductor's GIL).
+    workers_in: str = "lambda"
     slug_prefix: str = "bench-fleet-"
     # What the processes load: bench.fleet loads its counters into them (bench.fleet_probe).
     celery_app: str = "emailops"
@@ -69,6 +74,7 @@ class Fleet:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     api_port: int = field(default_factory=_free_port)
     sandbox_port: int = field(default_factory=_free_port)
+    lambda_port: int = field(default_factory=_free_port)
     customers: list[FleetCustomer] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
 
@@ -135,12 +141,18 @@ class Fleet:
         env = {
             **os.environ,
             "WORKER_API_URL": f"{self.web_url}/api/worker/v1/",
-            "WORKER_RUNTIME": "local",
-            "LOCAL_WORKER_MODE": "thread",
-            "LOCAL_WORKER_TIMEOUT_S": str(spec.local_worker_timeout_s),
             "CONDUCTOR_TICK_MS": str(spec.tick_ms),
+            **self._runtime_env(),
             **dict(spec.extra_env),
         }
+        if spec.workers_in == "lambda":
+            lambda_local = self._proc(
+                "lambda-local",
+                [sys.executable, "-m", "bench.lambda_local", "--port", str(self.lambda_port),
+                 "--timeout-s", str(spec.local_worker_timeout_s)],
+                env=env,
+            )  # fmt: skip
+            lambda_local.wait_for_text("listening")
         web = self._proc(
             "uvicorn",
             [sys.executable, "-m", "uvicorn", spec.asgi_app, "--host", "127.0.0.1",
@@ -166,6 +178,25 @@ class Fleet:
         _wait_http(f"{self.web_url}/api/worker/v1/openapi.yaml", web)
         for worker in workers:
             worker.wait_for_text(" ready.")
+
+    def _runtime_env(self) -> dict:
+        if self.spec.workers_in == "celery":
+            return {
+                "WORKER_RUNTIME": "local",
+                "LOCAL_WORKER_MODE": "thread",
+                "LOCAL_WORKER_TIMEOUT_S": str(self.spec.local_worker_timeout_s),
+            }
+        if self.spec.workers_in != "lambda":
+            raise ValueError(f"workers_in is 'lambda' or 'celery', not {self.spec.workers_in!r}")
+        return {
+            "WORKER_RUNTIME": "lambda",
+            "LAMBDA_FUNCTION_NAME": "emailops-worker",
+            "AWS_ENDPOINT_URL_LAMBDA": f"http://127.0.0.1:{self.lambda_port}",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+        }
 
     def _proc(self, name: str, command: list[str], env: dict | None = None) -> Proc:
         proc = Proc(name, command, env=env)

@@ -25,9 +25,9 @@ Figures
   crashed worker had declared but not started (``max_in_doubt_unsent``). A crash between a
   progress report and the starts it announced leaves what the mark ran ahead of the starts
   charged but never sent (``sending.pacing``, A6): at most about two chunks, ``2 * chunk - 1``
-  sends, and a chunk is at most ``pacing.chunk_limit`` (0.4% of the cap), so that stays under 1%
-  of the cap wherever one send does (caps above 100/min). At 60/min a chunk is one send, 1.7% of
-  the cap: a minute with such a crash cannot reach 0.99. (The refund of what a crashed worker had
+  sends, and a chunk is at most ``pacing.chunk_limit`` (0.4% of the cap, but two sends from
+  120/min), so that stays under 1% of the cap from 300/min. At 60/min a chunk is one send, 1.7%
+  of the cap: a minute with such a crash cannot reach 0.99. (The refund of what a crashed worker had
   not declared is used in its minute: workers waiting for budget come back when the first open
   lease of the minute falls due, see ``pacing.decide``'s ``refunds_due_ms``.)
 """

@@ -103,8 +103,11 @@ def members(
 
     Backlog is looked for past each message's claim cursor only: the claim index's entries
     behind it are claimed rows (dead until vacuum) that an EXISTS from the start would walk on
-    every check-in. A customer whose only queued recipients were handed back behind its cursor
-    (the last of a send) counts as without backlog: its share is then anyone's."""
+    every check-in. It is one index probe per sending message (`ORDER BY id LIMIT 1`, the claim's
+    own shape): written as a join, PostgreSQL planned it as a scan of every queued recipient,
+    60-130 ms a call on a shared account with 300k queued (bench.worker_api, shared).
+    A customer whose only queued recipients were handed back behind its cursor (the last of a
+    send) counts as without backlog: its share is then anyone's."""
     previous = minute_start - timedelta(milliseconds=window_ms)
     adapt = connection.ops.adapt_datetimefield_value
     sql = f"""
@@ -114,9 +117,11 @@ def members(
                 WHERE l.customer_id = c.id AND l.state = %s AND l.minute_start = %s
                   AND l.may_cross = %s),
                EXISTS (SELECT 1 FROM {Message._meta.db_table} msg
-                       JOIN {Recipient._meta.db_table} r
-                         ON r.message_id = msg.id AND r.status = %s AND r.id > msg.claim_after
-                       WHERE msg.customer_id = c.id AND msg.status = %s),
+                       WHERE msg.customer_id = c.id AND msg.status = %s
+                         AND (SELECT r.id FROM {Recipient._meta.db_table} r
+                              WHERE r.message_id = msg.id AND r.status = %s
+                                AND r.id > msg.claim_after
+                              ORDER BY r.id LIMIT 1) IS NOT NULL),
                CASE WHEN p.estimate_minute = %s THEN p.cap_estimate END
         FROM {Customer._meta.db_table} c
         JOIN {SendLimit._meta.db_table} sl ON sl.customer_id = c.id
@@ -129,8 +134,8 @@ def members(
         Lease.State.OPEN.value,
         adapt(previous),
         True,
-        Recipient.Status.QUEUED.value,
         Message.Status.SENDING.value,
+        Recipient.Status.QUEUED.value,
         adapt(minute_start),
         adapt(minute_start),
         account_id,

@@ -91,15 +91,16 @@ def open_lease_of(worker: Worker) -> Lease | None:
     return next(iter(rows), None)
 
 
-def mark_settled(lease: Lease, *, state: str, at) -> None:
-    """Close a lease (`state` settled or expired): what `save(update_fields=["state",
-    "settled_at"])` writes."""
-    lease.state, lease.settled_at = state, at
-    fields = [Lease._meta.get_field("state"), Lease._meta.get_field("settled_at")]
+def mark_settled(lease: Lease, *, state: str, at, awaiting: list[int]) -> None:
+    """Close a lease (`state` settled or expired), with the recipients it was settled without an
+    outcome for: what `save(update_fields=["state", "settled_at", "awaiting"])` writes."""
+    lease.state, lease.settled_at, lease.awaiting = state, at, awaiting
+    fields = [Lease._meta.get_field(name) for name in ("state", "settled_at", "awaiting")]
     params = [f.get_db_prep_save(getattr(lease, f.attname), connection) for f in fields]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {Lease._meta.db_table} SET state = %s, settled_at = %s WHERE id = %s",  # noqa: S608
+            f"UPDATE {Lease._meta.db_table} SET state = %s, settled_at = %s, awaiting = %s "  # noqa: S608
+            "WHERE id = %s",
             [*params, lease.pk],
         )
 
@@ -159,12 +160,14 @@ def settle_reported(*, lease: Lease, report: wire.Report, clock: Clock) -> pacin
     by_id = {r.id: r for r in report.results}
     granted_ms = datetime_to_ms(lease.granted_at)
     changes = []
+    left_out = []
     for position, recipient_id in enumerate(lease.recipient_ids):
         result = by_id.get(recipient_id)
         if result is not None:
             changes.append(_status_change(result, granted_ms))
         elif position < lease.started_through:
             changes.append(queue.StatusChange(recipient_id, queue.UNKNOWN))
+            left_out.append(recipient_id)
         else:
             changes.append(queue.StatusChange(recipient_id, queue.QUEUED))
     queue.record(changes, max_attempts=settings.SEND_MAX_ATTEMPTS)
@@ -190,7 +193,7 @@ def settle_reported(*, lease: Lease, report: wire.Report, clock: Clock) -> pacin
             done_ms=[r.done_ms for r in started if r.done_ms is not None],
         ),
     )
-    mark_settled(lease, state=Lease.State.SETTLED, at=clock.now)
+    mark_settled(lease, state=Lease.State.SETTLED, at=clock.now, awaiting=left_out)
     return settlement
 
 
@@ -224,18 +227,27 @@ def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
 
     Only recipients up to the lease's progress mark are looked at: those past it went back to the
     queue when the lease was settled, and the worker was refused any start past it. Of those,
-    only rows still `unknown` change (`unknown` → sent, failed, or queued again if the worker says
-    it never reached the provider), so a late report never re-queues a recipient that could have
-    gone out, and never touches one that is leased again. What changes counts in the lease's own
-    minute, the minute it was charged to: sent and failed to its counts, a recipient queued again
-    refunded to it (it was charged and never sent). What was charged to the next minute as
-    possibly crossing is given back to it where the report shows it did not cross
-    (`_uncrossed`); the rest stays charged (the safe side).
+    only rows still `unknown` change (`unknown` → sent, failed, queued again if the worker says
+    it never reached the provider, or still unknown with what the worker now knows of it), so a
+    late report never re-queues a recipient that could have gone out, and never touches one that
+    is leased again. Only recipients the lease was settled without an outcome for are heard
+    (`Lease.awaiting`), each once: a late word never revises what a report already said. What
+    changes counts in the lease's own minute, the minute it was charged to: sent and failed to its
+    counts, a recipient queued again refunded to it (it was charged and never sent). What was
+    charged to the next minute as possibly crossing is given back to it where the report shows it
+    did not cross (`_uncrossed`) — an unanswered send too, when its timeout ran out before the
+    minute's last safe moment; the rest stays charged (the safe side).
     """
     check_members(lease, report)
-    in_doubt = set(lease.recipient_ids[: lease.started_through])
+    awaiting = (
+        lease.recipient_ids[: lease.started_through] if lease.awaiting is None else lease.awaiting
+    )
+    heard = {r.id: r for r in report.results}
+    results = {i: heard[i] for i in awaiting if i in heard}
+    if results:
+        lease.awaiting = [i for i in awaiting if i not in results]
+        lease.save(update_fields=["awaiting"])
     granted_ms = datetime_to_ms(lease.granted_at)
-    results = {r.id: r for r in report.results if r.id in in_doubt}
     changes = [_status_change(r, granted_ms) for r in results.values()]
     changed = queue.record_late(
         changes,
@@ -255,17 +267,20 @@ def record_late(*, lease: Lease, report: wire.Report) -> LateRecord:
         throttled=counts[wire.Outcome.THROTTLED],
     )
     # Recipients that may be queued again (not started, throttled, a temporary failure).
-    retry = [i for i in changed if results[i].outcome is not wire.Outcome.SENT]
+    retry = [
+        i for i in changed if results[i].outcome not in (wire.Outcome.SENT, wire.Outcome.UNKNOWN)
+    ]
     return LateRecord(lease=lease, settlement=settlement, maybe_queued=retry)
 
 
 def _uncrossed(lease: Lease, results: list[wire.Result]) -> int:
     """How many of these recipients, charged to the next minute too when their lease was
     settled in doubt, are now known not to have arrived in it: never started, or answered before
-    the minute's last safe moment (the same rule as `pacing.settle`, on the worker's `done_ms`).
-    A lease settled by its report charged every recipient it left out to the next minute; a
-    reclaimed one, its in-doubt recipients if it may cross."""
-    if lease.state == Lease.State.EXPIRED and not lease.may_cross:
+    the minute's last safe moment (the same rule as `pacing.settle`, on the worker's `done_ms`;
+    for an `unknown`, the latest it can have arrived: its start plus the send timeout).
+    A lease that may cross charged every recipient its report left out (or, reclaimed, every
+    one in doubt) to the next minute; one that cannot cross charged none (`pacing.settle`)."""
+    if not lease.may_cross:
         return 0
     last_safe = lease.minute_ends_in_ms - lease.guard_ms
     return sum(
@@ -347,9 +362,7 @@ def reclaim_overdue(*, clock: Clock | None = None, customer_id: int | None = Non
                     terms=terms_of(lease), started_through=lease.started_through
                 ),
             )
-            lease.state = Lease.State.EXPIRED
-            lease.settled_at = clock.now
-            lease.save(update_fields=["state", "settled_at"])
+            mark_settled(lease, state=Lease.State.EXPIRED, at=clock.now, awaiting=in_doubt)
             Worker.objects.filter(pk=worker_id, state__in=Worker.LIVE_STATES).update(
                 state=Worker.State.LOST, stopped_at=clock.now, stop_reason="lease overdue"
             )

@@ -253,6 +253,14 @@ class Lease(models.Model):
         help_text="No send of this batch can still arrive after this; then it is reclaimed."
     )
     settled_at = models.DateTimeField(null=True, blank=True)
+    # Null while open (and for leases settled before it existed: then any recipient up to the
+    # mark); once settled, the recipients a late report may still tell about, each once.
+    awaiting = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="Recipients up to the progress mark that the lease was settled without an "
+        "outcome for (left out of its report, or all of them when it was reclaimed).",
+    )
 
     class Meta:
         indexes = [

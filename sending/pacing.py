@@ -36,8 +36,10 @@ STOP_SLACK_MS: Final = 1_000
 OVERDUE_SLACK_MS: Final = 1_500
 # A worker declares about this much of sending per progress report (A6; see progress_chunk).
 CHUNK_MS: Final = 1_000
-# ... and never more than this share of the per-minute cap (see chunk_limit).
+# ... and never more than this share of the per-minute cap (see chunk_limit) ...
 CHUNK_CAP_SHARE: Final = 0.004
+# ... but, from 120/min, at least two sends (see chunk_limit).
+CHUNK_MIN_SENDS: Final = 2
 # A worker told to wait for budget while an open lease of the minute may still give some back
 # comes back this long after that lease falls due (the conductor reclaims overdue leases every
 # tick, CONDUCTOR_TICK_MS), and never sooner than this after now.
@@ -313,8 +315,10 @@ def settle(*, terms: LeaseTerms, tally: Tally) -> Settlement:
     """Turn what a worker's report counts into ledger changes.
 
     Recipients the tally does not account for (counts summing to less than the lease), and sent
-    or failed sends without a ``done_ms``, are treated as started and possibly crossed. A tally
-    accounting for more than the lease is an error.
+    or failed sends without a ``done_ms``, are treated as started and possibly crossed — if the
+    lease may cross at all: a lease whose last possible arrival is inside its minute
+    (``may_cross`` false) charges nothing to the next one, whatever is in doubt, as
+    ``settle_abandoned`` already reasons. A tally accounting for more than the lease is an error.
     """
     counts = (tally.sent, tally.failed, tally.not_started, tally.throttled)
     if min(counts) < 0:
@@ -327,7 +331,8 @@ def settle(*, terms: LeaseTerms, tally: Tally) -> Settlement:
         raise ValueError("more done_ms than sent + failed sends")
     last_safe = terms.minute_ends_in_ms - terms.guard_ms
     crossed = sum(1 for done in tally.done_ms if done > last_safe)
-    crossed += started - len(tally.done_ms) + unknown
+    if terms.may_cross:
+        crossed += started - len(tally.done_ms) + unknown
     return Settlement(
         refund=tally.not_started + tally.throttled,
         crossed=crossed,
@@ -396,9 +401,19 @@ def chunk_limit(per_minute: int) -> int:
     A worker that dies between a report and the starts of its chunk leaves the unstarted rest of
     that chunk charged to its minute (A6). The worker's mark can run up to about two chunks
     ahead of its starts, so a chunk of at most ``CHUNK_CAP_SHARE`` of the cap keeps what such a
-    crash costs a minute under 1% of its cap, wherever one send is less than that.
+    crash costs a minute under 1% of its cap, wherever two sends are less than that (from
+    300/min).
+
+    Below 500/min that share is under two sends, and a worker waits for each report's answer
+    before it starts what the report declared, so with one-send chunks it starts at most one send
+    per round trip: at 120/min a round trip over half a second (a busy server) keeps a single
+    worker below the cap in every minute (`bench.fleet`, docs/benchmarks.md). So a chunk is at
+    least ``CHUNK_MIN_SENDS`` wherever that is no more than a second of the cap (from 120/min):
+    a crash then costs a minute at most three sends (2.5% of 120/min, 1% at 300/min), against a
+    cap missed in every minute by a few hundred milliseconds of round trip.
     """
-    return max(1, math.floor(per_minute * CHUNK_CAP_SHARE))
+    floor = CHUNK_MIN_SENDS if per_minute >= 60 * CHUNK_MIN_SENDS else 1
+    return max(floor, math.floor(per_minute * CHUNK_CAP_SHARE))
 
 
 def open_spill(leases: Iterable[LeaseTerms]) -> int:

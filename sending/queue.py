@@ -319,7 +319,8 @@ def _changes_sql() -> str:
 def record_late(
     changes: Sequence[StatusChange], *, lease_id: int, customer_id: int, max_attempts: int
 ) -> list[int]:
-    """Write a late report's outcomes over `unknown` (one statement); returns the ids changed.
+    """Write a late report's outcomes over `unknown` (one statement); returns the ids changed
+    (an `unknown` outcome too: the row keeps its status and takes the attempt and its error).
 
     A row changes only while it is `unknown` and no later lease of the customer holds it: a
     recipient that was queued again (by the operator's "retry unknown", or by an earlier late
@@ -344,7 +345,7 @@ def record_late(
             last_error = COALESCE(NULLIF(u.error, ''), r.last_error),
             sent_at = COALESCE(u.sent_at, r.sent_at)
         FROM {_changes_sql()}
-        WHERE r.id = u.id AND r.status = %s AND u.status <> %s
+        WHERE r.id = u.id AND r.status = %s
           AND NOT EXISTS (
               SELECT 1 FROM sending_lease l
               WHERE l.customer_id = %s AND l.id > %s AND {leased_since})
@@ -357,7 +358,6 @@ def record_late(
         RETRY,
         QUEUED,
         orjson.dumps(changes).decode(),
-        UNKNOWN,
         UNKNOWN,
         customer_id,
         lease_id,

@@ -244,6 +244,26 @@ class LocalRuntime(Runtime):
 # --- AWS Lambda -------------------------------------------------------------------------------
 
 
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _lambda_client(region: str | None):
+    """One boto3 Lambda client per region (and endpoint) per process, built once: a client costs
+    tens of milliseconds of CPU to build, and a conductor round that starts workers for twenty
+    customers built twenty (bench.schedule). Clients are thread-safe once built; building them is
+    not, from boto3's default session, so each is built from a session of its own, under a lock."""
+    key = (region, os.environ.get("AWS_ENDPOINT_URL_LAMBDA"), os.environ.get("AWS_ENDPOINT_URL"))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+
+            client = boto3.session.Session(region_name=region).client("lambda")
+            _clients[key] = client
+        return client
+
+
 class LambdaRuntime(Runtime):
     """Asynchronous ("Event") invocations of the worker function; boto3 is built on first use."""
 
@@ -261,9 +281,7 @@ class LambdaRuntime(Runtime):
     @property
     def client(self):
         if self._client is None:
-            import boto3
-
-            self._client = boto3.client("lambda", region_name=self.region)
+            self._client = _lambda_client(self.region)
         return self._client
 
     def invoke(self, *, api_url: str, token: str, worker_id: int) -> str:

@@ -125,7 +125,7 @@ class LeaseAdmin(ReadOnlyAdmin):
     date_hierarchy = "minute_start"
     search_fields = ("=id", "=worker__id")
     ordering = ("-id",)
-    exclude = ("recipient_ids",)
+    exclude = ("recipient_ids", "awaiting")
     readonly_fields = (
         "customer",
         "worker",
@@ -133,6 +133,7 @@ class LeaseAdmin(ReadOnlyAdmin):
         "minute_start",
         "size",
         "recipients",
+        "awaiting_late",
         "granted_at",
         "start_at",
         "stop_starting_at",
@@ -147,9 +148,20 @@ class LeaseAdmin(ReadOnlyAdmin):
 
     @admin.display(description="Recipients")
     def recipients(self, obj):
-        ids = obj.recipient_ids or []
-        shown = ", ".join(str(i) for i in ids[:20])
-        return f"{len(ids)}: {shown}{' …' if len(ids) > 20 else ''}"
+        return _some(obj.recipient_ids)
+
+    @admin.display(description="Awaiting a late report")
+    def awaiting_late(self, obj):
+        """Recipients it was settled without an outcome for, that no late report spoke for yet."""
+        if obj.awaiting is None:
+            return "—" if obj.state == Lease.State.OPEN else "(settled before this was kept)"
+        return _some(obj.awaiting)
+
+
+def _some(ids) -> str:
+    ids = ids or []
+    shown = ", ".join(str(i) for i in ids[:20])
+    return f"{len(ids)}: {shown}{' …' if len(ids) > 20 else ''}"
 
 
 @admin.register(CustomerMinute)

@@ -60,6 +60,9 @@ class BatchRun:
     # The most recipients one progress report may declare (the grant's chunk_limit; None from a
     # server too old to send one).
     chunk_limit: int | None = None
+    # The server's per-send timeout (None from a server that does not say): an unanswered send
+    # may reach the provider until its start plus this (docs/pacing.md, A3).
+    send_timeout_s: float | None = None
     throttled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     first_start: float | None = None
@@ -105,10 +108,12 @@ class BatchSender:
         began = self.clock()
         recipients = batch["recipients"]
         chunk_limit = batch.get("chunk_limit")
+        send_timeout_ms = batch.get("send_timeout_ms")
         run = BatchRun(
             window=window,
             concurrency=max(1, int(batch["concurrency"])),
             chunk_limit=None if chunk_limit is None else max(1, int(chunk_limit)),
+            send_timeout_s=send_timeout_ms / 1000 if send_timeout_ms else None,
         )
         outcomes: list[dict | None]
         try:
@@ -226,6 +231,15 @@ class BatchSender:
             # The answer came too late to use (its window closed by the server's clock): give it
             # all back without announcing anything.
             run.halt = "window closed"
+            log.warning(
+                "worker %s: lease %s: the grant came %d ms after the check-in was sent, its "
+                "window closed %d ms after that: giving the batch back",
+                self.worker_id,
+                batch["lease_id"],
+                round((run.window.origin - run.window.early_origin) * 1000),
+                round((run.window.stop_at - run.window.early_origin) * 1000),
+                extra={"worker_id": self.worker_id, "lease_id": batch["lease_id"]},
+            )
             return outcomes
         if run.window.start_at > self.clock():
             # Announce the first chunk while waiting for the window to open, so that sending
@@ -283,12 +297,32 @@ class BatchSender:
             self.stragglers[lease_id] = out
         return outcomes
 
+    def fold_answered_stragglers(self) -> None:
+        """Sends of the undelivered report's own lease answered since it was written go into it.
+
+        A lease is reported once on time and only what is still out after that goes `late`: a
+        `late` entry beside the report for the same lease is a conflict (409: "report it, not as
+        late", or "one report per lease" when the lease was reclaimed meanwhile), which stopped
+        the worker and left its sends `unknown` (bench.e2e --scenario slow)."""
+        if self.report is None:
+            return
+        lease_id = self.report["lease_id"]
+        futures = self.stragglers.get(lease_id)
+        if not futures or not all(f.done() for f in futures):
+            return
+        del self.stragglers[lease_id]
+        answered = [r for r in (f.result() for f in futures) if r is not None]
+        for result in answered:
+            self.summary.settle_late(result)
+        self.report = {**self.report, "results": [*self.report["results"], *answered]}
+
     def late_reports(self, *, limit: int) -> list[dict]:
         """Reports for leases whose last sends are all answered now (at most `limit`): the
         rest of those leases, for the next check-in's `late`."""
         late = []
+        reporting = None if self.report is None else self.report["lease_id"]
         for lease_id, futures in self.stragglers.items():
-            if len(late) >= limit or not all(f.done() for f in futures):
+            if lease_id == reporting or len(late) >= limit or not all(f.done() for f in futures):
                 continue
             results = [r for r in (f.result() for f in futures) if r is not None]
             for result in results:
@@ -371,9 +405,12 @@ class BatchSender:
             run.finished(done)
             if exc.maybe_sent:
                 # In doubt (a read timeout, a connection lost after the message went out): the
-                # provider may have it. Unknown, never failed: a failure would be sent again.
+                # provider may have it. Unknown, never failed: a failure would be sent again. Its
+                # done_ms is the latest it can have arrived: not before its start plus the send
+                # timeout (a connection lost early says nothing about when the provider takes it).
+                latest = done if run.send_timeout_s is None else started + run.send_timeout_s
                 return {"id": rid, "status": "unknown", "error": exc.message,
-                        "done_ms": run.window.ms(done)}  # fmt: skip
+                        "done_ms": run.window.ms(max(done, latest))}  # fmt: skip
             return {"id": rid, "status": "failed", "permanent": exc.permanent,
                     "error": exc.message, "done_ms": run.window.ms(done)}  # fmt: skip
         except Exception:

@@ -119,6 +119,7 @@ class WorkerLoop(BatchSender):
     def checkin(self, *, final: bool = False) -> Answer:
         """Report the last batch (if any) and get the next decision (always stop when final)."""
         self.seq += 1
+        self.fold_answered_stragglers()
         body = {
             "worker_id": self.worker_id,
             "seq": self.seq,

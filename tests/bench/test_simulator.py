@@ -14,7 +14,7 @@ from sending import pacing
 # Twenty workers at concurrency 8 start ~3,600 sends in a 1.5 s window, so they can carry 2,000.
 # The cap is that high because a progress chunk is at most pacing.chunk_limit (0.4%) of the cap
 # per minute, whatever the minute's length: at 2,000 it is 8, still `concurrency`. At a cap of a
-# few hundred per 2 s minute a chunk would be one send, so each worker would start one send per
+# few hundred per 2 s minute a chunk would be two sends, so each worker would start two sends per
 # check-in round trip (2-30 ms each way here, as in production): too slow for a 1.5 s window,
 # though in a 60 s minute that cap needs only a few sends a second.
 SHORT = SimConfig(

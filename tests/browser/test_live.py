@@ -18,7 +18,7 @@ from playwright.sync_api import Page, expect
 
 from customers.models import SendLimit
 from sending import conductor
-from sending.models import CustomerMinute, Message, Worker
+from sending.models import CustomerMinute, Lease, Message, Worker
 from sending.runtimes import LocalRuntime, shutdown_local_workers
 from sending.sandbox import Latency, SandboxServer
 from tests.factories import (
@@ -318,13 +318,24 @@ def test_the_engine_admin_answers_what_happened_in_a_minute_and_hides_provider_b
 ):
     minute = CustomerMinuteFactory(granted=40, sent=38)
     worker = WorkerFactory(customer=minute.customer)
-    LeaseFactory(worker=worker, minute_start=minute.minute_start)
+    lease = LeaseFactory(
+        worker=worker,
+        minute_start=minute.minute_start,
+        state=Lease.State.SETTLED,
+        started_through=3,
+        awaiting=[3],
+    )
     LeaseFactory(customer=minute.customer, minute_start=minute.minute_start.replace(year=2020))
     with browse(operator_user) as page:
         page.goto(reverse("admin:sending_customerminute_changelist"))
         page.get_by_role("link", name="leases", exact=True).first.click()
         expect(page.locator("#result_list tbody tr")).to_have_count(1)
         screenshot(page, "leases-of-a-minute")
+        page.get_by_role("link", name=str(lease.pk), exact=True).click()
+        # Its report left recipient 3 out; no late report has spoken for it yet.
+        expect(page.locator(".field-awaiting_late")).to_contain_text("1: 3")
+        expect(page.locator(".field-recipients")).to_contain_text("3: 1, 2, 3")
+        screenshot(page, "lease")
         page.goto(reverse("admin:sending_worker_change", args=[worker.pk]))
         expect(page.locator(".field-last_answer")).to_contain_text("send: lease 1")
         assert "SECRET-KEY" not in page.content()

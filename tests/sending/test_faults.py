@@ -554,6 +554,53 @@ def test_a_provider_failing_for_a_while_slows_the_send_and_loses_nothing(
         sandbox.stop()
 
 
+# --- every database connection dropped mid-send --------------------------------------------------
+
+
+def test_database_connections_dropped_mid_send_lose_nothing_and_keep_the_cap(
+    api_url, fault_minutes, postgres, settings
+):
+    """What a PostgreSQL restart does to the worker API: its connections are cut in the middle of
+    a send, again and again for 1.5 s (pg_terminate_backend; this test's own connection drives
+    the conductor and is kept). Check-ins in flight fail, the workers retry, the send goes on:
+    no minute over the cap at the provider, nobody mailed twice, nothing lost."""
+    settings.WORKER_API_URL = api_url
+    cap, n = 40, 120
+    sandbox = scaled_sandbox(settings, cap=cap, latency_ms=20)
+    try:
+        customer = sandbox_customer(sandbox, per_minute=cap, batch_size=10, concurrency=2)
+        set_limits(customer, max_workers=2)
+        message = make_message(customer, n)
+        runtime = LocalRuntime(mode="thread", timeout_s=60)
+        drive(customer, runtime, until=lambda: len(sandbox.sends) >= 20, timeout_s=20, what="sends")
+        # For 1.5 s every connection the API opens is cut (its requests open their own).
+        dropped, until = 0, time.monotonic() + 1.5
+        with connection.cursor() as cursor:
+            while time.monotonic() < until:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                dropped += cursor.rowcount
+                time.sleep(0.01)
+        cut_at = len(sandbox.sends)
+        assert dropped >= 1, "the worker API had no connection to cut"
+
+        drive(customer, runtime, until=completed(message), timeout_s=60, what="completion")
+        ours = set(WorkerRow.objects.filter(customer=customer).values_list("pk", flat=True))
+        for invocation in [i for i in local_invocations() if i.worker_id in ours]:
+            assert invocation.join(15), f"worker {invocation.worker_id} is still running"
+
+        rows = list(Recipient.objects.filter(message=message))
+        assert {r.status for r in rows} <= {Recipient.Status.SENT, Recipient.Status.UNKNOWN}
+        assert_unknown_only_where_in_doubt(message)
+        by_key = assert_provider_saw_each_at_most_once(message, sandbox)
+        assert len(by_key) > cut_at, "nothing was sent after the connections were cut"
+        assert_ledger_within_cap(customer, cap)
+    finally:
+        sandbox.stop()
+
+
 # --- a check-in answer that arrives late ---------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ connection after DATA.
 
 import email
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -23,7 +24,7 @@ from sending import leases, pacing
 from sending.models import CustomerMinute, Lease, Recipient
 from sending.providers import IDEMPOTENCY_HEADER
 from sending.sandbox import LateAnswer, SandboxServer
-from sending.worker import LocalContext, handler
+from sending.worker import LocalContext, WorkerLoop, handler
 from sending.worker import batch as worker_batch
 from tests.factories import (
     API_KEY,
@@ -33,7 +34,7 @@ from tests.factories import (
     sandbox_customer,
     start_worker,
 )
-from tests.sending.test_providers import free_port
+from tests.net import free_port
 
 TERMINAL = {"sent", "failed", "unknown", "cancelled", "suppressed"}
 
@@ -109,6 +110,37 @@ def test_a_slow_answer_inside_the_timeout_is_reported_late_and_recorded_sent(api
     assert not Lease.objects.filter(state=Lease.State.OPEN).exists()
 
 
+def test_sends_answered_between_a_report_and_the_next_checkin_go_in_that_report(
+    api_url, monkeypatch, frozen_server_clock
+):
+    """The slow scenario's 409s: a batch reported with its sends still out, and those answered
+    before the next check-in left, sent them as `late` beside the lease's own report. (The
+    server's clock stands early in a minute: a grant late in a 2-second minute could have closed
+    its window before arriving, and the batch would go back unsent.)"""
+    monkeypatch.setattr(worker_batch, "STRAGGLER_S", 0.05)
+    late = LateAnswer(fraction=1.0, delay_ms=300)  # every answer held, inside the 1 s timeout
+    with SandboxServer(caps={API_KEY: 100_000}, late=late) as sandbox:
+        customer = sandbox_customer(sandbox, batch_size=5, concurrency=5)
+        message = make_message(customer, 5)
+        _, event = start_worker(customer, api_url)
+        loop = WorkerLoop(event, LocalContext(10))
+        try:
+            answer = loop.checkin()
+            assert answer.decision == "send", answer.body
+            loop.send_batch(answer.batch, answer.window)
+            assert loop.stragglers, "the report was written with its sends still out"
+            time.sleep(0.6)  # every held answer comes back before the next check-in
+            final = loop.checkin(final=True)
+        finally:
+            loop.close()
+        counts = assert_db_agrees_with_the_provider(message, sandbox)
+
+    assert final.decision == "stop"
+    assert not loop.stragglers
+    assert counts == {"sent": 5}
+    assert loop.summary.as_dict()["sent"] == 5 and loop.summary.unknown == 0
+
+
 @pytest.fixture
 def reclaimer():
     """The conductor's reclaim, every 50 ms, on a connection of its own."""
@@ -134,22 +166,26 @@ def test_a_report_that_comes_after_its_lease_was_reclaimed_still_counts(
 ):
     """The issue's run: reports came after their leases were reclaimed and were refused, so the
     database said nothing was sent while everything had arrived. Here the worker holds each batch
-    until its last answer (as before) and the API presumes it lost almost at once."""
+    until its last answer (as before), and every answer comes after its lease is overdue: a new
+    worker's start window is its batch at the assumed rate (4 sends at 40/s: 200 ms, no slack),
+    the API presumes it lost 50 ms later, and the provider answers each send after 700 ms. So each
+    worker's first lease is reclaimed before its report comes, whatever the timing."""
     monkeypatch.setattr(worker_batch, "STRAGGLER_S", 5.0)
     monkeypatch.setattr(worker_batch, "REPORT_SLACK_S", 5.0)
+    monkeypatch.setattr(pacing, "STOP_SLACK_MS", 0)
     monkeypatch.setattr(pacing, "OVERDUE_SLACK_MS", 50)
-    late = LateAnswer(fraction=0.3, delay_ms=700)
+    late = LateAnswer(fraction=1.0, delay_ms=700)
     with SandboxServer(caps={API_KEY: 100_000}, late=late) as sandbox:
-        customer = sandbox_customer(sandbox, batch_size=20, concurrency=4)
-        message = make_message(customer, 60)
+        customer = sandbox_customer(sandbox, batch_size=4, concurrency=4)
+        message = make_message(customer, 16)
         summaries = run_workers_until_done(customer, api_url, rounds=12)
         counts = assert_db_agrees_with_the_provider(message, sandbox)
 
     assert sum(reclaimer) >= 1, "no lease was reclaimed: the test did not test anything"
     assert any(s["stop"] == "worker is lost" for s in summaries), summaries
     # Every answer came within the send timeout, so the late reports leave nothing in doubt.
-    assert counts == {"sent": 60}
-    assert len(sandbox.sends) == 60
+    assert counts == {"sent": 16}
+    assert len(sandbox.sends) == 16
     assert Lease.objects.filter(state=Lease.State.EXPIRED).exists()
 
 

@@ -17,7 +17,9 @@ from sending.wire import parse_checkin, parse_progress
 from tests.factories import T0, WINDOW_MS, call, make_customer, make_message, statuses
 
 # A check-in that carries a late report and is told to stop: the same at any report size.
-LATE_CHECKIN_QUERIES = 10  # the pacing standing (`accounts.standing`) is read since issue 12
+# The pacing standing (`accounts.standing`) is read since issue 12; the lease's `awaiting` list is
+# written since late unknowns give the next minute back its charge.
+LATE_CHECKIN_QUERIES = 11
 
 
 @pytest.fixture
@@ -116,9 +118,10 @@ def test_a_repeated_late_report_changes_nothing_more(customer):
     assert sorted(statuses(message).values()) == ["sent"] * 4 + ["unknown"] * 6
 
 
-def test_a_partial_report_then_the_rest_as_late(customer):
+def test_a_partial_report_then_the_rest_as_late(customer, settings):
     """A worker whose last send is still out reports what it has, sends its next batch, and
     reports the straggler with its next check-in."""
+    settings.SEND_TIMEOUT_MS = WINDOW_MS - 1_000  # every lease may cross into the next minute
     make_message(customer, 120)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     first = call(worker, token, 1)
@@ -150,7 +153,8 @@ def test_a_partial_report_then_the_rest_as_late(customer):
     assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
 
 
-def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(customer):
+def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(customer, settings):
+    settings.SEND_TIMEOUT_MS = WINDOW_MS - 1_000  # every lease may cross into the next minute
     make_message(customer, 5)
     worker, token = checkin.worker_start(customer_id=customer.pk)
     first = call(worker, token, 1)
@@ -171,6 +175,95 @@ def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(cu
     # The one answered inside the guard band may have arrived next minute; the other never went.
     assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
     assert minute_of(lease).refunded == 1
+
+
+def partly_reported(customer, settings, report_for):
+    """A lease that may cross, of which the worker reported all but the last of 5 recipients (as
+    `report_for(ids)` says); returns the worker, its answer, the ids, the lease and the minute
+    after the lease's."""
+    settings.SEND_TIMEOUT_MS = WINDOW_MS - 1_000  # every lease may cross into the next minute
+    make_message(customer, 5)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    lease_id = first["batch"]["lease_id"]
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    progress(first, worker, 5)
+    partial = {"lease_id": lease_id, "elapsed_ms": 5, "results": report_for(ids)}
+    second = call(worker, first["token"], 2, partial, at=T0 + 600)
+    lease = Lease.objects.get(pk=lease_id)
+    following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
+    return worker, second, ids, lease, following
+
+
+def test_an_unanswered_send_whose_timeout_ran_out_in_time_gives_the_next_minute_back_once(
+    customer, settings
+):
+    """Left out of its report (still out), a send is charged to the next minute too. When its
+    timeout runs out before the minute's last safe moment it cannot have crossed: the late
+    `unknown` gives that charge back, once however often it is repeated."""
+    worker, second, ids, lease, following = partly_reported(
+        customer, settings, lambda ids: [sent(i) for i in ids[:4]]
+    )
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
+    timed_out = {"id": ids[4], "status": "unknown", "error": "read timed out", "done_ms": 4_100}
+    late = {"lease_id": lease.pk, "elapsed_ms": 1, "results": [timed_out]}
+    third = call(worker, second["token"], 3, late=[late], at=T0 + 4_700)
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
+    row = Recipient.objects.get(pk=ids[4])
+    # Still in doubt (never re-sent), with the attempt and what the worker saw.
+    assert (row.status, row.attempts, row.last_error) == ("unknown", 1, "read timed out")
+    assert (minute_of(lease).sent, minute_of(lease).refunded) == (4, 0)
+
+    # The same late word again (a worker bug, or a replay under another seq): nothing moves.
+    fourth = call(worker, third["token"], 4, late=[late], at=T0 + 4_800)
+    assert fourth["decision"] in ("wait", "stop", "send")
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
+    assert Recipient.objects.get(pk=ids[4]).attempts == 1
+
+
+def test_a_late_word_never_revises_what_the_report_said(customer, settings):
+    """The report said `unknown`, answered in the guard band (charged to the next minute): a late
+    report about the same recipient is not heard, and the charge stays."""
+
+    def report_for(ids):
+        lease = Lease.objects.get()  # the only one
+        in_band = lease.minute_ends_in_ms - lease.guard_ms + 1
+        return [
+            *(sent(i) for i in ids[:4]),
+            {"id": ids[4], "status": "unknown", "error": "read timed out", "done_ms": in_band},
+        ]
+
+    worker, second, ids, lease, following = partly_reported(customer, settings, report_for)
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
+    late = {"lease_id": lease.pk, "elapsed_ms": 1, "results": [sent(ids[4], 100)]}
+    call(worker, second["token"], 3, late=[late], at=T0 + 700)
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
+    assert Recipient.objects.get(pk=ids[4]).status == "unknown"
+    assert minute_of(lease).sent == 4
+
+
+def test_sends_in_doubt_in_a_lease_that_cannot_cross_charge_only_its_own_minute(customer):
+    """Its last start plus the send timeout ends inside the minute: left out of the report, a send
+    may be anywhere but the next minute, so nothing is charged there — nor taken back from
+    there when its late report comes (which once drove carried_in below zero: a 500)."""
+    make_message(customer, 5)
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1)
+    lease_id = first["batch"]["lease_id"]
+    ids = [r["id"] for r in first["batch"]["recipients"]]
+    progress(first, worker, 5)
+    lease = Lease.objects.get(pk=lease_id)
+    assert not lease.may_cross
+    partial = {"lease_id": lease_id, "elapsed_ms": 5, "results": [sent(i) for i in ids[:3]]}
+    second = call(worker, first["token"], 2, partial, at=T0 + 600)
+    following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
+    CustomerMinute.objects.create(customer=customer, minute_start=following, cap=600)
+    late = {"lease_id": lease_id, "elapsed_ms": 1, "results": [sent(ids[3]), sent(ids[4])]}
+    third = call(worker, second["token"], 3, late=[late], at=T0 + 700)
+
+    assert third["decision"] in ("wait", "stop", "send")
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
+    assert minute_of(lease).sent == 5
 
 
 def test_a_recipient_leased_again_since_is_not_touched(customer):

@@ -304,20 +304,30 @@ def test_progress_chunk_is_about_a_second_of_sending_and_at_least_the_concurrenc
     assert pacing.progress_chunk(rate_per_s=None, concurrency=8) == 80
 
 
-def test_chunk_limit_is_a_share_of_the_cap_and_at_least_one():
-    assert pacing.chunk_limit(60) == 1  # 0.24
-    assert pacing.chunk_limit(249) == 1
+def test_chunk_limit_is_a_share_of_the_cap_and_two_sends_from_120_a_minute():
+    assert pacing.chunk_limit(0) == 1
+    assert pacing.chunk_limit(60) == 1  # 0.24; two sends would be two seconds of the cap
+    assert pacing.chunk_limit(119) == 1
+    assert pacing.chunk_limit(120) == 2  # 0.48; two sends are a second of the cap
+    assert pacing.chunk_limit(499) == 2
     assert pacing.chunk_limit(600) == 2  # 2.4
     assert pacing.chunk_limit(4_500) == 18
     assert pacing.chunk_limit(60_000) == 240
-    assert pacing.chunk_limit(0) == 1
 
 
-@given(cap=st.integers(min_value=101, max_value=10**7))
-def test_two_chunks_less_one_send_are_under_one_percent_of_a_cap_above_100(cap):
+@given(cap=st.integers(min_value=301, max_value=10**7))
+def test_two_chunks_less_one_send_are_under_one_percent_of_a_cap_above_300(cap):
     # How far a worker's mark can run ahead of its starts (A6): the rest of the chunk under way
-    # and the next one. Under 1% of the cap wherever one send is.
+    # and the next one. Under 1% of the cap wherever two sends are.
     assert 2 * pacing.chunk_limit(cap) - 1 < 0.01 * cap
+
+
+@given(cap=st.integers(min_value=1, max_value=300))
+def test_below_300_a_minute_a_crash_costs_at_most_three_sends_and_a_chunk_a_second(cap):
+    chunk = pacing.chunk_limit(cap)
+    assert 2 * chunk - 1 <= 3
+    # Never more than a second of the cap's rate in one chunk, unless one send is already more.
+    assert chunk == 1 or chunk <= cap / 60
 
 
 def test_progress_chunk_never_exceeds_the_caps_chunk_limit_even_below_the_concurrency():

@@ -2,7 +2,6 @@
 
 import email
 import email.policy
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +23,7 @@ from sending.providers import (
     smtp_error,
 )
 from sending.sandbox import Latency, SandboxServer
+from tests.net import free_port
 
 SENDER = "news@college.example"
 
@@ -42,12 +42,6 @@ def email_fields(recipient_id=1, to="ada@example.com", **overrides):
 
 
 # SMTP ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RecordingHandler:

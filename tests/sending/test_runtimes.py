@@ -3,6 +3,10 @@ and the local runtime running the real handler against the real API (uvicorn, AS
 
 import io
 import json
+import subprocess
+import sys
+import time
+import urllib.request
 import zipfile
 
 import boto3
@@ -15,6 +19,7 @@ from sending import runtimes
 from sending.models import Recipient
 from sending.runtimes import LambdaRuntime, LocalRuntime, get_runtime, local_invocation
 from tests.factories import assert_sent_once_each, make_message, sandbox_customer, start_worker
+from tests.net import free_port
 
 REGION = "eu-west-1"
 FUNCTION = "emailops-worker"
@@ -172,3 +177,49 @@ def test_local_runtime_runs_the_real_handler(mode, api_url, sandbox, settings):
         assert invocation.returncode == 0
     assert_sent_once_each(message, sandbox)
     assert not Recipient.objects.exclude(status="sent").exists()
+
+
+# --- the Lambda runtime end to end, against a local Invoke endpoint -----------------------------
+
+
+def test_the_lambda_runtime_invokes_real_workers_through_bench_lambda_local(
+    api_url, sandbox, settings, monkeypatch
+):
+    # boto3 signs and sends a real Invoke (Event) to bench.lambda_local, which the benchmarks'
+    # fleets use as Lambda: the worker it runs sends the message through the real API.
+    port = free_port()
+    env = {**LocalRuntime._child_env(), "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.lambda_local", "--port", str(port), "--timeout-s", "20"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "listening" in server.stdout.readline()
+        monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "t")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "t")
+        settings.WORKER_RUNTIME = "lambda"
+        settings.LAMBDA_FUNCTION_NAME = FUNCTION
+        settings.AWS_REGION = REGION
+        customer = sandbox_customer(sandbox, batch_size=10)
+        message = make_message(customer, 25)
+        _, event = start_worker(customer, api_url)
+
+        request_id = get_runtime().invoke(**event)
+
+        assert request_id
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_lambda/stats") as answer:
+                stats = json.loads(answer.read())
+            if stats["finished"] + stats["failed"]:
+                break
+            time.sleep(0.2)
+        assert stats == {"invocations": 1, "running": 0, "finished": 1, "failed": 0}
+        assert_sent_once_each(message, sandbox)
+        assert not Recipient.objects.exclude(status="sent").exists()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -2,7 +2,6 @@
 
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import requests
 
 from sending.sandbox import LateAnswer, Latency, SandboxServer, minute_key
+from tests.net import free_port
 
 MINUTE = 60_000
 T0 = 1_800_000_000_000  # 2027-01-15T08:00:00.000Z, the start of a calendar minute
@@ -267,12 +267,6 @@ def test_many_concurrent_keep_alive_clients_are_all_recorded(clock):
     assert len({a.json()["MessageID"] for a in answers}) == 200
     assert sandbox.report()["total"] == {"k": 200}
     assert connections == 20  # one per client session, reused for its ten requests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_serves_until_interrupted_and_prints_its_report():

@@ -239,8 +239,8 @@ def test_settling_a_lease_writes_what_save_writes(customer):
     worker = Worker.objects.create(customer=customer)
     ours, theirs = (_lease(customer, worker, minute_start=MINUTE) for _ in range(2))
     at = MINUTE + timedelta(seconds=9)
-    leases.mark_settled(ours, state=Lease.State.SETTLED, at=at)
-    theirs.state, theirs.settled_at = Lease.State.SETTLED, at
+    leases.mark_settled(ours, state=Lease.State.SETTLED, at=at, awaiting=[7, 9])
+    theirs.state, theirs.settled_at, theirs.awaiting = Lease.State.SETTLED, at, [7, 9]
     theirs.save()
     assert values(ours) == values(theirs)
     assert leases.open_lease_of(worker) is None

@@ -103,8 +103,16 @@ class Remaining:
         return self.ms
 
 
-def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2, chunk_limit=None):
-    # chunk_limit=None: the field is left out, as an older server does.
+def fake_batch(
+    n,
+    *,
+    start_in_ms=0,
+    stop_starting_in_ms=5_000,
+    concurrency=2,
+    chunk_limit=None,
+    send_timeout_ms=None,
+):
+    # chunk_limit=None, send_timeout_ms=None: the field is left out, as an older server does.
     return {
         "lease_id": 7,
         "start_in_ms": start_in_ms,
@@ -112,6 +120,7 @@ def fake_batch(n, *, start_in_ms=0, stop_starting_in_ms=5_000, concurrency=2, ch
         "minute_ends_in_ms": 59_000,
         "concurrency": concurrency,
         **({} if chunk_limit is None else {"chunk_limit": chunk_limit}),
+        **({} if send_timeout_ms is None else {"send_timeout_ms": send_timeout_ms}),
         "provider": {"kind": "sandbox", "settings": {}, "credentials": {}, "per_minute_cap": 9},
         "messages": {
             "3": {
@@ -241,12 +250,46 @@ def test_failures_are_reported_as_the_provider_answered_and_unknowns_are_left_ou
     assert worker.summary.unknown == 2
 
 
+def test_an_unknown_is_reported_done_no_earlier_than_its_start_plus_the_send_timeout():
+    """A connection lost early says nothing about when the provider takes the message: what the
+    server charges by (`done_ms`) is the latest it can have arrived, its start + the timeout."""
+
+    def lost(rid, n):
+        return SendError("connection lost after DATA", permanent=False, maybe_sent=True)
+
+    worker, _ = fake_worker(RecordingProvider(send_s=0.01, fail=lost))
+    _, report = send_now(worker, fake_batch(1, send_timeout_ms=3_000))
+    (result,) = report["results"]
+    assert result["status"] == "unknown"
+    assert 3_000 <= result["done_ms"] < 4_000
+    # A server that does not say its timeout: the moment the worker gave up.
+    worker, _ = fake_worker(RecordingProvider(send_s=0.01, fail=lost))
+    _, report = send_now(worker, fake_batch(1))
+    assert report["results"][0]["done_ms"] < 1_000
+
+
 def test_no_send_starts_when_the_invocation_is_about_to_time_out():
     provider = RecordingProvider()
     worker, _ = fake_worker(provider, context=Remaining(ms=200))
     _, report = send_now(worker, fake_batch(5))
     assert provider.starts == {}
     assert {r["status"] for r in report["results"]} == {"not_started"}
+
+
+def test_an_answer_whose_window_closed_on_the_way_is_given_back_unsent_and_said(caplog):
+    # Sent 2 s ago, answered now; the window ended 1 s after the request was sent.
+    provider = RecordingProvider()
+    worker, api = fake_worker(provider)
+    batch = fake_batch(4, stop_starting_in_ms=1_000)
+    now = time.monotonic()
+    window = Window.of(batch, received=now, first_sent=now - 2.0)
+    with caplog.at_level("WARNING", logger="sending.worker"):
+        report = worker.send_batch(batch, window)
+    assert provider.starts == {}
+    assert api.progress == []
+    assert {r["status"] for r in report["results"]} == {"not_started"}
+    assert "giving the batch back" in caplog.text
+    assert "came 2000 ms after the check-in was sent, its window closed 1000 ms" in caplog.text
 
 
 def test_an_answer_that_needed_retries_ends_its_window_earlier():
@@ -411,13 +454,15 @@ def test_a_killed_worker_leaves_its_lease_to_be_reclaimed_and_nothing_past_its_m
 
         lease.refresh_from_db()
         assert lease.state == Lease.State.OPEN
+        at_expiry = Clock(datetime_to_ms(lease.expires_at))
+        assert leases.reclaim_overdue(clock=at_expiry) == 1
+        # The mark the reclaim went by (a progress call the worker made just before it was
+        # killed can still be recorded after the kill: the server had the request).
+        lease.refresh_from_db()
         mark, ids = lease.started_through, lease.recipient_ids
         assert 0 < mark < len(ids)
         # No send past the announced mark ever reached the provider.
         assert {s.idempotency_key for s in sandbox.sends} <= {str(i) for i in ids[:mark]}
-
-        at_expiry = Clock(datetime_to_ms(lease.expires_at))
-        assert leases.reclaim_overdue(clock=at_expiry) == 1
         after = statuses(message)
         assert {after[i] for i in ids[:mark]} == {"unknown"}
         assert {after[i] for i in ids[mark:]} == {"queued"}
@@ -504,6 +549,9 @@ def test_a_send_still_out_is_left_out_of_the_report_and_reported_late(monkeypatc
 
     release.set()
     wait_for(lambda: all(f.done() for f in worker.stragglers[7]))
+    # Not while the lease's own report is undelivered (the check-in would fold it in there).
+    assert worker.late_reports(limit=20) == []
+    worker.report = None  # the report went with a check-in
     late = worker.late_reports(limit=20)
     assert late == [
         {
@@ -544,6 +592,7 @@ def test_a_send_queued_behind_a_straggler_does_not_start_after_the_report(monkey
     assert report["results"] == []
     release.set()
     wait_for(lambda: all(f.done() for f in worker.stragglers[7]))
+    worker.report = None  # the report went with a check-in
     late = worker.late_reports(limit=20)[0]["results"]
     assert [(r["id"], r["status"]) for r in late] == [(1, "sent"), (2, "not_started")]
     assert 2 not in provider.starts
