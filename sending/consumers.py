@@ -43,6 +43,7 @@ async def _user_now(session_key: str | None):
 
 class LiveConsumer(AsyncJsonWebsocketConsumer):
     customer_id: int | None = None  # None: the overview
+    watcher: asyncio.Task | None = None  # set once the socket is accepted
 
     def group(self) -> str:
         raise NotImplementedError
@@ -51,7 +52,6 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         raise NotImplementedError
 
     async def connect(self):
-        self.watcher = None
         user = self.scope.get("user")
         if user is None or not await database_sync_to_async(may_watch)(user):
             await self.close(code=FORBIDDEN)

@@ -1,6 +1,7 @@
 """The live pages' websockets, through emailops.asgi's routing (origin check, sessions, auth):
 staff only, checked on connect and again while connected, forward-only."""
 
+import contextvars
 import time
 
 import pytest
@@ -32,13 +33,18 @@ def session_cookie(user) -> bytes:
     return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
 
 
+_opened: contextvars.ContextVar[list[WebsocketCommunicator]] = contextvars.ContextVar("opened")
+
+
 def communicator(path, *, cookie=None, origin=b"http://127.0.0.1:8000"):
     headers = [(b"host", HOST)]
     if origin:
         headers.append((b"origin", origin))
     if cookie is not None:
         headers.append((b"cookie", cookie.encode()))
-    return WebsocketCommunicator(application, path, headers=headers)
+    socket = WebsocketCommunicator(application, path, headers=headers)
+    _opened.get().append(socket)
+    return socket
 
 
 @pytest.fixture
@@ -53,7 +59,22 @@ def tick():
 
 
 def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
+    """Run a scenario on an event loop of its own, then disconnect every socket it left open
+    (refused or closed by the server included), as a browser going away would. A consumer left
+    running would be cancelled by the loop's shutdown instead, in the middle of channels_redis's
+    blocking pop, and that cancellation can wait forever (seen in about one run in ten)."""
+
+    async def scenario():
+        opened = []
+        _opened.set(opened)
+        try:
+            await coroutine_function()
+        finally:
+            for socket in opened:
+                if not socket.future.done():
+                    await socket.disconnect()
+
+    return async_to_sync(scenario)()
 
 
 def test_staff_who_may_watch_get_a_snapshot_then_samples(sockets, tick):

@@ -253,7 +253,7 @@ def test_publishing_from_many_threads_reuses_one_pool_and_reaches_the_group(redi
 
     before = _redis_clients(redis_url)
     ready = threading.Event()
-    listener = threading.Thread(target=async_to_sync(listen), args=(ready, 80))
+    listener = threading.Thread(target=async_to_sync(listen), args=(ready, 80), daemon=True)
     listener.start()
     assert ready.wait(10)
 
