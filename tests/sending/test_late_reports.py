@@ -153,33 +153,9 @@ def test_a_partial_report_then_the_rest_as_late(customer, settings):
     assert CustomerMinute.objects.get(minute_start=following).carried_in == 0
 
 
-def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(customer, settings):
-    settings.SEND_TIMEOUT_MS = WINDOW_MS - 1_000  # every lease may cross into the next minute
-    make_message(customer, 5)
-    worker, token = checkin.worker_start(customer_id=customer.pk)
-    first = call(worker, token, 1)
-    lease_id = first["batch"]["lease_id"]
-    ids = [r["id"] for r in first["batch"]["recipients"]]
-    progress(first, worker, 5)
-    partial = {"lease_id": lease_id, "elapsed_ms": 5, "results": [sent(i) for i in ids[:3]]}
-    second = call(worker, first["token"], 2, partial, at=T0 + 600)
-    lease = Lease.objects.get(pk=lease_id)
-    last_safe = lease.minute_ends_in_ms - lease.guard_ms
-    late = {
-        "lease_id": lease_id,
-        "elapsed_ms": 1,
-        "results": [sent(ids[3], last_safe + 1), {"id": ids[4], "status": "not_started"}],
-    }
-    call(worker, second["token"], 3, late=[late], at=T0 + 700)
-    following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
-    # The one answered inside the guard band may have arrived next minute; the other never went.
-    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
-    assert minute_of(lease).refunded == 1
-
-
 def partly_reported(customer, settings, report_for):
-    """A lease that may cross, of which the worker reported all but the last of 5 recipients (as
-    `report_for(ids)` says); returns the worker, its answer, the ids, the lease and the minute
+    """A lease of 5 recipients that may cross, of which the worker reported what
+    `report_for(ids)` says; returns the worker, its answer, the ids, the lease and the minute
     after the lease's."""
     settings.SEND_TIMEOUT_MS = WINDOW_MS - 1_000  # every lease may cross into the next minute
     make_message(customer, 5)
@@ -193,6 +169,22 @@ def partly_reported(customer, settings, report_for):
     lease = Lease.objects.get(pk=lease_id)
     following = ms_to_datetime(datetime_to_ms(lease.minute_start) + WINDOW_MS)
     return worker, second, ids, lease, following
+
+
+def test_a_late_answer_inside_the_guard_band_stays_charged_to_the_next_minute(customer, settings):
+    worker, second, ids, lease, following = partly_reported(
+        customer, settings, lambda ids: [sent(i) for i in ids[:3]]
+    )
+    last_safe = lease.minute_ends_in_ms - lease.guard_ms
+    late = {
+        "lease_id": lease.pk,
+        "elapsed_ms": 1,
+        "results": [sent(ids[3], last_safe + 1), {"id": ids[4], "status": "not_started"}],
+    }
+    call(worker, second["token"], 3, late=[late], at=T0 + 700)
+    # The one answered inside the guard band may have arrived next minute; the other never went.
+    assert CustomerMinute.objects.get(minute_start=following).carried_in == 1
+    assert minute_of(lease).refunded == 1
 
 
 def test_an_unanswered_send_whose_timeout_ran_out_in_time_gives_the_next_minute_back_once(
