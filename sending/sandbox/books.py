@@ -121,9 +121,13 @@ class Ledger:
         default_cap: int | None = None,
         clock: Callable[[], int] | None = None,
         clock_offset_ms: int = 0,
+        speed: float = 1,
         enforce: bool = True,
     ):
         self.caps = dict(caps or {})
+        # How many of the clock's milliseconds pass in a real one (tests run minutes sped up).
+        # Retry-After is said in real seconds, as a real provider's is.
+        self.speed = speed
         self.default_cap = default_cap
         self.clock_offset_ms = clock_offset_ms
         self.enforce = enforce
@@ -202,7 +206,7 @@ class Ledger:
     def _too_many(self, now: int, cap: int) -> ErrorAnswer:
         reset_ms = (now // 60_000 + 1) * 60_000
         headers = {
-            "Retry-After": str(math.ceil((reset_ms - now) / 1000)),
+            "Retry-After": str(math.ceil((reset_ms - now) / 1000 / self.speed)),
             "X-RateLimit-Limit": str(cap),
             "X-RateLimit-Remaining": "0",
             "X-RateLimit-Reset": str(reset_ms // 1000),

@@ -190,6 +190,7 @@ class SandboxServer:
         default_cap: int | None = None,
         clock_offset_ms: int = 0,
         clock: Callable[[], int] | None = None,
+        speed: float = 1,
         latency: Latency | None = None,
         late: LateAnswer | None = None,
         enforce: bool = True,
@@ -202,6 +203,7 @@ class SandboxServer:
             default_cap=default_cap,
             clock=clock,
             clock_offset_ms=clock_offset_ms,
+            speed=speed,
             enforce=enforce,
         )
         self.latency = latency or Latency()

@@ -68,6 +68,11 @@ def provider_clock(window_ms: int):
     return lambda: time.time_ns() // 1_000_000 * 60_000 // window_ms
 
 
+def provider_speed(window_ms: int) -> float:
+    """How many of the sandbox's milliseconds pass in a real one (its Retry-After is real)."""
+    return 60_000 / window_ms
+
+
 def provider_ms(window_ms: int, real_ms: float) -> int:
     """A duration on the sandbox's clock."""
     return round(real_ms * 60_000 / window_ms)
@@ -77,6 +82,7 @@ def scaled_sandbox(settings, *, cap: int, latency_ms: float = 0) -> SandboxServe
     return SandboxServer(
         caps={API_KEY: cap},
         clock=provider_clock(settings.SEND_WINDOW_MS),
+        speed=provider_speed(settings.SEND_WINDOW_MS),
         latency=Latency(median_ms=latency_ms),
     ).start()
 

@@ -26,6 +26,7 @@ from tests.sending.test_faults import (
     assert_unknown_only_where_in_doubt,
     provider_clock,
     provider_ms,
+    provider_speed,
     set_limits,
 )
 
@@ -45,7 +46,10 @@ def sandbox_at(settings, *, cap: int, behind_ms: int = 0, latency_ms: float = 10
     fast = provider_clock(settings.SEND_WINDOW_MS)
     offset = provider_ms(settings.SEND_WINDOW_MS, behind_ms)
     return SandboxServer(
-        caps={API_KEY: cap}, clock=lambda: fast() - offset, latency=Latency(median_ms=latency_ms)
+        caps={API_KEY: cap},
+        clock=lambda: fast() - offset,
+        speed=provider_speed(settings.SEND_WINDOW_MS),
+        latency=Latency(median_ms=latency_ms),
     ).start()
 
 
@@ -154,10 +158,13 @@ def test_a_provider_clock_behind_by_more_than_the_guard_costs_seconds_not_minute
         learned = CustomerPacing.objects.get(customer=customer)
         assert throttle.GUARD_MARGIN_MS <= learned.learned_guard_ms <= 1_500, learned.last_refusal
         assert "not turned" in learned.last_refusal
-        # Refusals came in the first minutes only (each refused minute widens the guard, at
-        # least doubling it): once learned, the guard held.
+        # Each minute with a refusal widens the guard: the first by at least the margin, each
+        # later one at least doubling it (100, 200, 400 ms), so the 300 ms by which the skew
+        # exceeds the guard is covered after at most three. Refusals come only while the
+        # provider's previous minute is full (until then our early sends are accepted into it),
+        # so which minutes they fall in varies from run to run; how many does not exceed three.
         minutes = accepted_minutes(sandbox)
-        assert max(refused) < sorted(minutes)[-2], (refused, minutes)
+        assert 1 <= len(refused) <= 3, (refused, minutes)
         # Our minutes with a refusal still sent the cap: the refused sends went out seconds
         # later in the same minute, not the minute after.
         ours = CustomerMinute.objects.filter(customer=customer, throttled__gt=0)

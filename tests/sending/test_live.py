@@ -217,13 +217,17 @@ def test_alerts_are_mailed_to_admins_and_the_customers_address(
 # --- publishing through Redis -------------------------------------------------------------------
 
 
+LAYER_CLIENT = "emailops-live-test"
+
+
 def _redis_clients(redis_url) -> int:
+    """Connections the channel layer of the test below holds open: they carry its client name,
+    so the other tests' connections to the same Redis do not count."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        db = client.connection_pool.connection_kwargs.get("db", 0)
-        return sum(1 for c in client.client_list() if int(c.get("db", -1)) == db) - 1
+        return sum(1 for c in client.client_list() if c.get("name") == LAYER_CLIENT)
     finally:
         client.close()
 
@@ -232,11 +236,14 @@ def test_publishing_from_many_threads_reuses_one_pool_and_reaches_the_group(redi
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 15}]},
+            "CONFIG": {
+                "hosts": [{"address": redis_url, "socket_timeout": 15, "client_name": LAYER_CLIENT}]
+            },
         }
     }
     from channels.layers import channel_layers
 
+    live.close_publisher()  # an earlier test's publisher would keep its own layer
     channel_layers.backends.pop("default", None)
     layer = get_channel_layer()
     group = "live-test-pool"
@@ -277,8 +284,10 @@ def test_publishing_from_many_threads_reuses_one_pool_and_reaches_the_group(redi
 
     assert len(received) == 80  # under the channel capacity (100): none dropped
     # One event loop for every publish: a pool as large as the publishes in flight at once
-    # (four threads, plus the listener's connection), that does not grow with the publishes.
+    # (four threads), plus the listener's connection and one more seen now and then in passing
+    # (a connection being replaced), that does not grow with the publishes: a pool per publish
+    # would add a connection each, forty a round.
     assert after_40 - before <= 6
-    assert after_80 <= after_40
+    assert after_80 - before <= 6
     assert closed <= before
     channel_layers.backends.pop("default", None)

@@ -21,6 +21,7 @@ from tests.sending.test_faults import (  # noqa: F401 - the fixtures celery_work
     completed,
     fault_minutes,
     provider_clock,
+    provider_speed,
     set_limits,
     wait_until,
 )
@@ -155,7 +156,9 @@ def test_two_celery_processes_share_the_shards_and_never_conduct_one_customer_tw
     cap, n = 60, 6
     keys = [f"shard-key-{i}" for i in range(n)]
     sandbox = SandboxServer(
-        caps=dict.fromkeys(keys, cap), clock=provider_clock(settings.SEND_WINDOW_MS)
+        caps=dict.fromkeys(keys, cap),
+        clock=provider_clock(settings.SEND_WINDOW_MS),
+        speed=provider_speed(settings.SEND_WINDOW_MS),
     ).start()
     with connection.cursor() as cursor:
         cursor.execute(OWNERSHIP_SQL)
