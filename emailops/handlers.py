@@ -9,12 +9,17 @@ SecurityMiddleware (HTTPS redirect and headers), run on the event loop, and the 
 check that CommonMiddleware makes for the site.
 """
 
+import time
+
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 
 from emailops.middleware import SecurityMiddleware
 
 WORKER_API_PREFIX = "/api/worker/"
+# Where a worker API request's arrival is noted in its ASGI scope (time.monotonic_ns()): the
+# check-in tells the worker how long it held the request before deciding (sending.checkin).
+RECEIVED_NS = "emailops.received_ns"
 
 
 class WorkerAPIHandler(ASGIHandler):
@@ -56,6 +61,7 @@ def http_router(site, worker_api):
         if path == health.PATH:
             app = health.app
         elif path.startswith(WORKER_API_PREFIX):
+            scope[RECEIVED_NS] = time.monotonic_ns()
             app = worker_api
         else:
             app = site

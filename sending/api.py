@@ -9,11 +9,12 @@ from pathlib import Path
 
 import orjson
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from emailops.handlers import RECEIVED_NS
 from emailops.logs import log_ids
 
 from . import checkin as checkin_service
@@ -93,7 +94,9 @@ async def checkin(request: HttpRequest) -> HttpResponse:
     return await _handle(
         request,
         wire.parse_checkin,
-        lambda claims, parsed: checkin_service.checkin(claims=claims, request=parsed),
+        lambda claims, parsed: checkin_service.checkin(
+            claims=claims, request=parsed, received_ns=request.scope.get(RECEIVED_NS)
+        ),
     )
 
 

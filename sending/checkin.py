@@ -22,6 +22,7 @@ the worker and then the customer too, and then only leased rows, which no claim 
 Everything the worker needs to send comes back in the answer; the worker never reads the database.
 """
 
+import time
 from dataclasses import replace
 
 from django.db import transaction
@@ -41,8 +42,16 @@ def worker_start(*, customer_id: int, runtime: str = Worker.Runtime.LOCAL) -> tu
 
 
 def checkin(
-    *, claims: tokens.WorkerClaims, request: wire.CheckinRequest, clock: Clock | None = None
+    *,
+    claims: tokens.WorkerClaims,
+    request: wire.CheckinRequest,
+    clock: Clock | None = None,
+    received_ns: int | None = None,
 ) -> dict:
+    """`received_ns`: when the request arrived (time.monotonic_ns(), noted by the ASGI router).
+    A grant then says how long the server held the request before reading its clock
+    (`held_ms`), so that the worker can anchor the window's end that much after it sent the
+    request instead of at the sending (see sending.worker.batch.Window)."""
     fixed_clock = clock
     with transaction.atomic():
         worker = _lock_worker(claims, request.worker_id)
@@ -87,7 +96,11 @@ def checkin(
         limits = ledger.lock_limits(worker.customer_id)
         standing = accounts.standing(worker.customer_id, lock=False)
         # The time of the decision is read once the locks are held, so a wait for them does not
-        # make it stale (the worker also anchors the window's end at its request).
+        # make it stale; the worker anchors the window's end at its request plus this hold
+        # (rounded down: that anchor may only err early).
+        held_ms = None
+        if received_ns is not None:
+            held_ms = max(0, time.monotonic_ns() - received_ns) // 1_000_000
         clock = fixed_clock or Clock.read()
         if settlement is not None:
             ledger.apply_settlement(lease, settlement)
@@ -108,7 +121,12 @@ def checkin(
             # Taken as late as it can be: the account's other customers queue behind it.
             accounts.lock_account(standing)
             answer = _decide(
-                worker=worker, limits=limits, standing=standing, clock=clock, ahead=ahead
+                worker=worker,
+                limits=limits,
+                standing=standing,
+                clock=clock,
+                ahead=ahead,
+                held_ms=held_ms,
             )
         else:
             answer = wire.stop(f"worker is {worker.state}")
@@ -197,6 +215,7 @@ def _decide(
     standing: accounts.Standing,
     clock: Clock,
     ahead: queue.Ahead,
+    held_ms: int | None,
 ) -> dict:
     """The decision under the customer's lock, on fresh rows, and what follows from it."""
     customer_id = worker.customer_id
@@ -218,6 +237,7 @@ def _decide(
         clock=clock,
         pool=pool,
         backlog=backlog + len(ahead.claimed),
+        held_ms=held_ms or 0,
     )
     if isinstance(decision, pacing.Stop):
         ahead.give_back(0)
@@ -238,6 +258,7 @@ def _decide(
         limits=limits,
         clock=clock,
         recipient_ids=[c.id for c in leased],
+        held_ms=held_ms or 0,
     )
     ledger.charge(minute_id=pool.minute_id, size=len(leased), cap=limits.per_minute)
     return wire.batch(
@@ -248,6 +269,7 @@ def _decide(
         customer=ahead.messages[0].customer,
         messages=ahead.messages,
         recipients=leased,
+        held_ms=held_ms,
     )
 
 
@@ -259,6 +281,7 @@ def _decision(
     clock: Clock,
     pool: ledger.Pool,
     backlog: int,
+    held_ms: int = 0,
 ) -> pacing.Decision:
     minute_ms = pool.ledger.minute_start_ms
     limits = replace(limits, learned_guard_ms=standing.guard_ms(clock.now_ms, limits))
@@ -287,4 +310,5 @@ def _decision(
         refunds_due_ms=pool.refunds_due_ms,
         account_room=room,
         hold_until_ms=hold,
+        held_ms=held_ms,
     )

@@ -32,7 +32,8 @@ STOP_FACTOR: Final = 2.0
 STOP_SLACK_MS: Final = 1_000
 # A worker not back this long after its start window closed is presumed lost: its lease is settled
 # as abandoned (recipients past its progress mark are refunded and re-queued at once) and the
-# conductor may start a replacement.
+# conductor may start a replacement. Plus how long the server held the grant's request before
+# deciding (LeaseTerms.from_grant): its report may wait as long.
 OVERDUE_SLACK_MS: Final = 1_500
 # A worker declares about this much of sending per progress report (A6; see progress_chunk).
 CHUNK_MS: Final = 1_000
@@ -170,6 +171,7 @@ def decide(
     refunds_due_ms: int | None = None,
     account_room: int | None = None,
     hold_until_ms: int | None = None,
+    held_ms: int = 0,
 ) -> Decision:
     """Decide what a worker checking in at ``now_ms`` gets.
 
@@ -185,6 +187,12 @@ def decide(
     ``account_room``: the most the customer's provider account lets it be granted now
     (`throttle.account_room`; None: the account has no other customer and no lower estimate).
     ``hold_until_ms``: a back-off after a refusal (`throttle.judge`): no grant starts before it.
+    ``held_ms``: how long the server held this check-in before deciding. A grant's window is
+    that much longer (never past the minute's window): the worker announces its first chunk
+    and waits for the answer before it starts anything (A6), and a server that held this
+    request will hold that one about as long. Without it, a busy server's grants close before
+    their workers can start: nothing is sent, so no rate is measured and the next windows are
+    as short, while the check-ins that gave their batches back keep the server busy.
     """
     if limits.paused:
         return Stop(PAUSED)
@@ -235,7 +243,7 @@ def decide(
     if size < 1:
         return until_next_minute
     needs_ms = math.ceil(size / rate * 1000 * STOP_FACTOR) + STOP_SLACK_MS
-    stops_at = min(closes_at, starts_at + needs_ms)
+    stops_at = min(closes_at, starts_at + needs_ms + max(held_ms, 0))
     return Grant(
         size=size,
         start_in_ms=starts_at - now_ms,
@@ -270,7 +278,12 @@ class LeaseTerms:
     may_cross: bool
 
     @classmethod
-    def from_grant(cls, grant: Grant, limits: Limits) -> LeaseTerms:
+    def from_grant(cls, grant: Grant, limits: Limits, *, held_ms: int = 0) -> LeaseTerms:
+        """`held_ms`: how long the server held the grant's request before deciding. A busy
+        server holds the worker's report about as long, so the lease falls overdue that much
+        later: otherwise a live worker's report, queued behind others, would find its lease
+        reclaimed and the worker presumed lost, and the replacement would add to the queue.
+        Only `overdue_in_ms` moves; the window and everything the safety argument uses stay."""
         last_arrival_in = grant.stop_starting_in_ms + limits.guard_ms + limits.spill_hold_ms
         return cls(
             minute_start_ms=grant.minute_start_ms,
@@ -279,7 +292,7 @@ class LeaseTerms:
             guard_ms=limits.guard_ms,
             stop_starting_in_ms=grant.stop_starting_in_ms,
             expires_in_ms=last_arrival_in,
-            overdue_in_ms=grant.stop_starting_in_ms + OVERDUE_SLACK_MS,
+            overdue_in_ms=grant.stop_starting_in_ms + OVERDUE_SLACK_MS + max(held_ms, 0),
             may_cross=last_arrival_in > grant.minute_ends_in_ms,
         )
 

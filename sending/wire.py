@@ -306,8 +306,12 @@ def batch(
     customer: "Customer",
     messages: "list[Message]",
     recipients: "list[Claimed]",
+    held_ms: int | None = None,
 ) -> dict:
-    """A "send" answer: everything the worker needs, so it never reads the database."""
+    """A "send" answer: everything the worker needs, so it never reads the database.
+    `held_ms`: how long the server held the request before deciding, when it knows (the
+    worker anchors the window's end that much after its request; kept in the stored answer,
+    so a replay carries the hold of the request the decision was made for)."""
     used = {r.message_id for r in recipients}
     link = unsubscribe.url_maker()
     return {
@@ -316,6 +320,7 @@ def batch(
             "lease_id": lease_id,
             "start_in_ms": grant.start_in_ms,
             "stop_starting_in_ms": grant.stop_starting_in_ms,
+            **({} if held_ms is None else {"held_ms": held_ms}),
             "minute_ends_in_ms": grant.minute_ends_in_ms,
             "concurrency": limits.concurrency,
             # The most recipients one progress report may declare.

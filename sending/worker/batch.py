@@ -29,7 +29,10 @@ class Window:
     """A batch's send window on the monotonic clock (seconds)."""
 
     origin: float  # when the answer arrived
-    early_origin: float  # when the request (its first attempt) was sent
+    first_sent: float  # when the request's first attempt was sent
+    # The earliest the server can have read its clock: the request's first attempt was sent,
+    # and then the server held the request for `held_ms` of its own time before reading it.
+    early_origin: float
     start_at: float
     stop_at: float
 
@@ -38,12 +41,20 @@ class Window:
         """The server's offsets are relative to when it read its clock, somewhere between our
         first attempt and the answer's arrival (lock waits and a slow network included). Each end
         takes the anchor that errs on the safe side: the start from the arrival (never before the
-        server meant), the end and the answer times from the first attempt (never after)."""
+        server meant), the end and the answer times from the earliest the server can have read
+        its clock (never after). That is our first attempt plus `held_ms`, how long the server
+        says it held the request (queued for a thread, waiting for locks) before reading its
+        clock: the request reached it no earlier than we sent it, and the hold came after. On a
+        busy server, that hold is most of the round trip; without it a grant whose answer took
+        longer than its window would arrive already closed."""
+        held_s = max(0, batch.get("held_ms") or 0) / 1000
+        early_origin = min(received, first_sent + held_s)
         return cls(
             origin=received,
-            early_origin=first_sent,
+            first_sent=first_sent,
+            early_origin=early_origin,
             start_at=received + batch["start_in_ms"] / 1000,
-            stop_at=first_sent + batch["stop_starting_in_ms"] / 1000,
+            stop_at=early_origin + batch["stop_starting_in_ms"] / 1000,
         )
 
     def ms(self, at: float) -> int:
@@ -236,8 +247,8 @@ class BatchSender:
                 "window closed %d ms after that: giving the batch back",
                 self.worker_id,
                 batch["lease_id"],
-                round((run.window.origin - run.window.early_origin) * 1000),
-                round((run.window.stop_at - run.window.early_origin) * 1000),
+                round((run.window.origin - run.window.first_sent) * 1000),
+                round((run.window.stop_at - run.window.first_sent) * 1000),
                 extra={"worker_id": self.worker_id, "lease_id": batch["lease_id"]},
             )
             return outcomes

@@ -2,11 +2,13 @@
 emailops.asgi)."""
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from django.core import signing
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from customers.models import SendLimit, Suppression
@@ -425,6 +427,31 @@ def test_http_progress_is_recorded(post, api):
     assert Lease.objects.get(pk=lease_id).started_through == 16
     progress["started_through"] = 51
     assert post("progress", progress, body["token"]).status_code == 409
+
+
+def test_http_a_grant_says_how_long_the_request_waited_before_the_decision(post, api, postgres):
+    # The customer's lock is held elsewhere for 0.6 s while the check-in comes in: the answer
+    # says the server held the request that long before reading its clock, so the worker can
+    # anchor the window's end after the wait instead of at its request (sending.worker.batch).
+    customer, worker, token = api
+    with ThreadPoolExecutor(1) as pool:
+        with transaction.atomic():
+            SendLimit.objects.select_for_update().get(customer=customer)
+            answered = pool.submit(post, "checkin", {"worker_id": worker.pk, "seq": 1}, token)
+            time.sleep(0.6)
+            assert not answered.done()
+        body = answered.result(30).json()
+    assert body["decision"] == "send"
+    held = body["batch"]["held_ms"]
+    assert 400 <= held < 30_000
+    # Its report may wait as long: the lease falls overdue that much later.
+    lease = Lease.objects.get(pk=body["batch"]["lease_id"])
+    overdue_in_ms = datetime_to_ms(lease.overdue_at) - datetime_to_ms(lease.granted_at)
+    assert overdue_in_ms == body["batch"]["stop_starting_in_ms"] + pacing.OVERDUE_SLACK_MS + held
+    # A retry of the same seq replays the decision with the hold of the request it was made for.
+    again = post("checkin", {"worker_id": worker.pk, "seq": 1}, token).json()
+    assert again["batch"]["lease_id"] == body["batch"]["lease_id"]
+    assert again["batch"]["held_ms"] == body["batch"]["held_ms"]
 
 
 def test_http_openapi_is_served(asgi_server):

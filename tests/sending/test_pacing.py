@@ -93,6 +93,39 @@ def test_grant_start_window_is_cut_to_what_the_batch_needs_early_in_the_minute()
     assert not LeaseTerms.from_grant(decision, limits).may_cross
 
 
+def test_a_held_check_in_gets_a_longer_window_and_a_later_overdue_but_never_past_the_minute():
+    limits = replace(LIMITS, window_ms=60_000, spill_hold_ms=5_000)
+    now = 60_000 * 5 + 1_000
+    quick = check_in(now, limits=limits)
+    held = decide(
+        now_ms=now,
+        limits=limits,
+        ledger=MinuteLedger(minute_start_ms=60_000 * 5),
+        open_spill=0,
+        backlog=1_000,
+        worker=FAST,
+        running_workers=1,
+        held_ms=3_000,
+    )
+    assert isinstance(quick, Grant) and isinstance(held, Grant)
+    assert held.size == quick.size and held.start_in_ms == quick.start_in_ms
+    assert held.stop_starting_in_ms == quick.stop_starting_in_ms + 3_000
+    terms = LeaseTerms.from_grant(held, limits, held_ms=3_000)
+    assert terms.overdue_in_ms == held.stop_starting_in_ms + pacing.OVERDUE_SLACK_MS + 3_000
+    # Near the minute's end the window still closes at the guarded end, however long the hold.
+    late = decide(
+        now_ms=MINUTE + 500,
+        limits=LIMITS,
+        ledger=MinuteLedger(minute_start_ms=MINUTE),
+        open_spill=0,
+        backlog=1_000,
+        worker=FAST,
+        running_workers=1,
+        held_ms=60_000,
+    )
+    assert isinstance(late, Grant) and late.stop_starting_in_ms == 1_250
+
+
 def test_trailing_guard_band_waits_until_the_next_minute():
     assert check_in(MINUTE + 1_800) == Wait(200)
     assert check_in(MINUTE + 1_750) == Wait(250)
@@ -486,7 +519,12 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         return ledgers.get(minute) or MinuteLedger(minute_start_ms=minute)
 
     def check_in_once(
-        backlog: int, worker: WorkerView, running: int, hold: int | None, room: int | None
+        backlog: int,
+        worker: WorkerView,
+        running: int,
+        hold: int | None,
+        room: int | None,
+        held: int = 0,
     ) -> bool:
         minute = pacing.minute_start(now, window)
         spill = pacing.open_spill(
@@ -502,6 +540,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             running_workers=running,
             hold_until_ms=None if hold is None else minute + hold,
             account_room=room,
+            held_ms=held,
         )
         if isinstance(decision, Wait):
             assert decision.ms > 0
@@ -520,7 +559,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         ledgers[minute] = pacing.charge(ledger(minute), decision)
         charged = ledgers[minute].charged + spill
         assert charged <= limits.per_minute
-        lease = LeaseTerms.from_grant(decision, limits)
+        lease = LeaseTerms.from_grant(decision, limits, held_ms=held)
         open_leases.append(OpenLease(lease, now, decision.start_in_ms))
         last_cap[minute] = limits.per_minute
         return True
@@ -619,15 +658,17 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             # budget the ledger wrongly frees is granted again.
             for _ in range(1 if op == "check_in" else 10):
                 hold = room = None
+                held = 0
                 if op == "check_in":
                     backlog = data.draw(st.integers(0, 500))
                     worker = WorkerView(rate_per_s=data.draw(rates))
                     running = data.draw(st.integers(1, 6))
                     hold = data.draw(st.none() | st.integers(0, window), label="hold")
                     room = data.draw(st.none() | st.integers(-5, 80), label="room")
+                    held = data.draw(st.integers(0, 2 * window), label="held")
                 else:
                     backlog, worker, running = 500, WorkerView(rate_per_s=1_000.0), 1
-                if not check_in_once(backlog, worker, running, hold, room):
+                if not check_in_once(backlog, worker, running, hold, room, held):
                     break
     # Leases never reported: worst case, everything was sent and may have crossed.
     for item in open_leases:
