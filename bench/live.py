@@ -12,6 +12,9 @@ Measured
   trigger installed for the bench records ``clock_timestamp()`` of each update; its transaction
   commits a little later, so this errs long); "showing it" is the first sample received whose
   minute (or previous minute) has at least that ``sent``. Same machine, same clock.
+- ``delivery_p50_ms`` / ``delivery_p95_ms``: from the tick that built a sample (its ``t``) to
+  its arrival at the page: the part of the latency spent in the channel layer and the web
+  process.
 - ``messages_per_s_per_customer``: websocket messages each watched customer's page received
   per second (the conductor publishes at most 4 a second a customer), and
   ``unwatched_messages_per_s_per_customer``: channel-layer messages published to the groups of
@@ -301,6 +304,18 @@ def latencies(watchers: Watchers, events: list[tuple]) -> tuple[list[float], int
     return found, missed
 
 
+def delivery_ms(watchers: Watchers, since: float, until: float) -> list[float]:
+    """For each sample a page received: from the tick that built it (the sample's `t`) to its
+    arrival. Splits the latency above into the sample's way through the channel layer and the
+    web process, and what came before it (a tick late or not yet run)."""
+    return [
+        at * 1000 - message["sample"]["t"]
+        for customer_id in watchers.customer_ids
+        for at, message in watchers.received[customer_id]
+        if message.get("type") == "sample" and since <= at <= until
+    ]
+
+
 # --- the cost of a sample and of a tick -------------------------------------------------------
 
 
@@ -488,6 +503,7 @@ def run_fleet(
         watchers.stop()
         events = recorded_events(ids, measure_from, measure_until - 2)
         found, missed = latencies(watchers, events)
+        delivered = delivery_ms(watchers, measure_from, measure_until)
         span = measure_until - measure_from
         per_customer = [
             sum(1 for at, m in watchers.received[c] if m.get("type") == "sample"
@@ -507,6 +523,8 @@ def run_fleet(
                 "latency_p50_ms": _round(_percentile(found, 0.50)),
                 "latency_p95_ms": _round(_percentile(found, 0.95)),
                 "latency_max_ms": _round(max(found) if found else None),
+                "delivery_p50_ms": _round(_percentile(delivered, 0.50)),
+                "delivery_p95_ms": _round(_percentile(delivered, 0.95)),
                 "sends_recorded": len(events),
                 "sends_not_seen_before_the_end": missed,
                 "messages_per_s_per_customer": _round(statistics.mean(per_customer), 2),
