@@ -57,9 +57,10 @@ def _in_thread(func, *args, **kwargs):
     # What Django does around every request, for this thread's own connection: drop it when it
     # is broken or past CONN_MAX_AGE. But not the health check CONN_HEALTH_CHECKS adds for the
     # site's pages, a `SELECT 1` round trip before each request's first statement: on a busy
-    # server that was a third of a progress call's time. A connection that died while idle
-    # (a database restart) fails one request instead, which the worker retries (5xx), and the
-    # error marks it for closing at the next call (`errors_occurred`, checked just above).
+    # server that was over a third of a progress call's time (docs/benchmarks.md). A
+    # connection that died while idle (a database restart) fails one request instead, which
+    # the worker retries (5xx), and the error marks it for closing at the next call
+    # (`errors_occurred`, checked just above).
     close_old_connections()
     connection.health_check_done = True
     try:
