@@ -50,6 +50,7 @@ def check_in(
     refunds_due_ms: int | None = None,
     account_room: int | None = None,
     hold_until_ms: int | None = None,
+    held_ms: int = 0,
 ) -> pacing.Decision:
     start = pacing.minute_start(now_ms, limits.window_ms)
     return decide(
@@ -63,6 +64,7 @@ def check_in(
         refunds_due_ms=refunds_due_ms,
         account_room=account_room,
         hold_until_ms=hold_until_ms,
+        held_ms=held_ms,
     )
 
 
@@ -97,32 +99,14 @@ def test_a_held_check_in_gets_a_longer_window_and_a_later_overdue_but_never_past
     limits = replace(LIMITS, window_ms=60_000, spill_hold_ms=5_000)
     now = 60_000 * 5 + 1_000
     quick = check_in(now, limits=limits)
-    held = decide(
-        now_ms=now,
-        limits=limits,
-        ledger=MinuteLedger(minute_start_ms=60_000 * 5),
-        open_spill=0,
-        backlog=1_000,
-        worker=FAST,
-        running_workers=1,
-        held_ms=3_000,
-    )
+    held = check_in(now, limits=limits, held_ms=3_000)
     assert isinstance(quick, Grant) and isinstance(held, Grant)
     assert held.size == quick.size and held.start_in_ms == quick.start_in_ms
     assert held.stop_starting_in_ms == quick.stop_starting_in_ms + 3_000
     terms = LeaseTerms.from_grant(held, limits, held_ms=3_000)
     assert terms.overdue_in_ms == held.stop_starting_in_ms + pacing.OVERDUE_SLACK_MS + 3_000
     # Near the minute's end the window still closes at the guarded end, however long the hold.
-    late = decide(
-        now_ms=MINUTE + 500,
-        limits=LIMITS,
-        ledger=MinuteLedger(minute_start_ms=MINUTE),
-        open_spill=0,
-        backlog=1_000,
-        worker=FAST,
-        running_workers=1,
-        held_ms=60_000,
-    )
+    late = check_in(MINUTE + 500, held_ms=60_000)
     assert isinstance(late, Grant) and late.stop_starting_in_ms == 1_250
 
 

@@ -294,15 +294,15 @@ def test_an_answer_whose_window_closed_on_the_way_is_given_back_unsent_and_said(
 
 def test_a_window_ends_later_by_what_the_server_held_the_request():
     # Sent at 8.0, answered at 12.0; the server held the request 3 s before reading its clock.
-    batch = {**fake_batch(1, start_in_ms=100, stop_starting_in_ms=1_000), "held_ms": 3_000}
+    batch = {**fake_batch(1, start_in_ms=100, stop_starting_in_ms=2_000), "held_ms": 3_000}
     window = Window.of(batch, received=12.0, first_sent=8.0)
-    assert window.stop_at == pytest.approx(12.0)  # 8.0 + 3.0 + 1.0: still open on arrival
+    assert window.stop_at == pytest.approx(13.0)  # 8.0 + 3.0 + 2.0: still open on arrival
     assert window.start_at == pytest.approx(12.1)  # the start still counts from the arrival
     assert window.ms(12.5) == 1_500  # done_ms from the earliest the clock can have been read
     # A hold longer than the round trip (it cannot be, but a server may say so) is capped at
     # the arrival: the window never ends later than the server's offset from the arrival.
     held_too_long = {**batch, "held_ms": 9_000}
-    assert Window.of(held_too_long, received=12.0, first_sent=8.0).stop_at == pytest.approx(13.0)
+    assert Window.of(held_too_long, received=12.0, first_sent=8.0).stop_at == pytest.approx(14.0)
 
 
 def test_an_answer_that_needed_retries_ends_its_window_earlier():
