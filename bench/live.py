@@ -17,8 +17,12 @@ Measured
   process.
 - ``messages_per_s_per_customer``: websocket messages each watched customer's page received
   per second (the conductor publishes at most 4 a second a customer), and
-  ``unwatched_messages_per_s_per_customer``: channel-layer messages published to the groups of
-  customers nobody watches, counted by a listener that keeps no presence (should be 0).
+  ``unwatched_messages_per_s_per_customer``: messages the publisher addressed to the pages of
+  customers nobody watches (items of its batches), counted by a listener that keeps no presence
+  (should be 0).
+- ``client_loop_lag_p95_ms``: how late the websocket clients' own event loop wakes from a
+  100 ms sleep (p95): a client too busy to read would add its own delay to every arrival;
+  ``bytes_per_message``: the mean size of what the pages received.
 - ``sample_cost_ms``: wall time of the conductor's live step (``sending.live.on_tick``: read the
   rows, record the point, publish) per customer-tick, for customers whose message has 100,000
   recipients, measured while the 100-customer fleet sends; ``baseline_sample_cost_ms``: today's
@@ -204,9 +208,15 @@ class Watchers:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._tasks: list[asyncio.Future] = []
         self._sockets: list = []
+        # How late the clients' loop wakes from a 100 ms sleep: a busy client would add its own
+        # delay to every arrival it records.
+        self.loop_lag_ms: list[tuple[float, float]] = []
+        self._lag_task = None
+        self.bytes_received = 0
 
     def start(self, timeout_s: float = 60) -> None:
         self._thread.start()
+        self._lag_task = asyncio.run_coroutine_threadsafe(self._lag(), self._loop)
         paths = [(c, f"/ws/live/customer/{c}/") for c in self.customer_ids]
         paths.append((None, "/ws/live/overview/"))
         for key, path in paths:
@@ -220,6 +230,12 @@ class Watchers:
             time.sleep(0.1)
         if self.connected < len(paths):
             raise RuntimeError(f"only {self.connected} of {len(paths)} websockets connected")
+
+    async def _lag(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.1)
+            self.loop_lag_ms.append((time.time(), (time.monotonic() - before - 0.1) * 1000))
 
     async def _client(self, key, path: str) -> None:
         from websockets.asyncio.client import connect
@@ -237,6 +253,7 @@ class Watchers:
                         self.connected += 1
                         first = False
                     self.received[key].append((now, json.loads(raw)))
+                    self.bytes_received += len(raw)
         except Exception as exc:
             self.refused.append(f"{path}: {exc}")
 
@@ -247,6 +264,8 @@ class Watchers:
         async def close_all():
             await asyncio.gather(*(ws.close() for ws in self._sockets), return_exceptions=True)
 
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(30)
             for task in self._tasks:
@@ -425,17 +444,18 @@ class ProbeTicker(threading.Thread):
 
 
 def count_unwatched(customer_ids: list[int], seconds: float) -> int:
-    """Listen on every customer's group for `seconds` without keeping any presence."""
+    """Listen to the live group for `seconds` without keeping any presence, counting the items
+    addressed to these customers' pages."""
     from channels.layers import channel_layers
 
     from sending import live
 
     layer = channel_layers.make_backend("default")
+    addresses = {live.customer_group(customer_id) for customer_id in customer_ids}
 
     async def listen() -> int:
         channel = await layer.new_channel()
-        for customer_id in customer_ids:
-            await layer.group_add(live.customer_group(customer_id), channel)
+        await layer.group_add(live.LIVE_GROUP, channel)
 
         async def stop_later():
             await asyncio.sleep(seconds)
@@ -445,11 +465,10 @@ def count_unwatched(customer_ids: list[int], seconds: float) -> int:
 
         stopper = asyncio.create_task(stop_later())
         count = 0
-        while (await layer.receive(channel))["type"] != "bench.stop":
-            count += 1
+        while (message := await layer.receive(channel))["type"] != "bench.stop":
+            count += sum(1 for to, _ in message.get("items", ()) if to in addresses)
         await stopper
-        for customer_id in customer_ids:
-            await layer.group_discard(live.customer_group(customer_id), channel)
+        await layer.group_discard(live.LIVE_GROUP, channel)
         await layer.close_pools()
         return count
 
@@ -504,6 +523,9 @@ def run_fleet(
         events = recorded_events(ids, measure_from, measure_until - 2)
         found, missed = latencies(watchers, events)
         delivered = delivery_ms(watchers, measure_from, measure_until)
+        client_lag = [
+            lag for at, lag in watchers.loop_lag_ms if measure_from <= at <= measure_until
+        ]
         span = measure_until - measure_from
         per_customer = [
             sum(1 for at, m in watchers.received[c] if m.get("type") == "sample"
@@ -534,6 +556,10 @@ def run_fleet(
                 "celery_workers_cpu_per_s": _round(worker_cpu / (measure_until - started), 2),
                 "conductor_ticks_per_s_per_customer": _round(
                     ticks_per_customer(ids, measure_from, measure_until), 2
+                ),
+                "client_loop_lag_p95_ms": _round(_percentile(client_lag, 0.95)),
+                "bytes_per_message": _round(
+                    watchers.bytes_received / max(1, sum(map(len, watchers.received.values())))
                 ),
                 "measured_s": _round(span, 1),
             }

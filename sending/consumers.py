@@ -6,7 +6,11 @@ session is gone), deactivated, or demoted (a permission taken away) is disconnec
 4403. The same loop keeps the presence key the conductor's publisher checks. On connect the
 page gets a snapshot (per-minute history, the last ten minutes of per-second points, the last
 sample), so a reconnect resumes where the page left off; then every sample the conductor
-publishes for the group. Nothing a client sends is acted on.
+publishes for the page. Nothing a client sends is acted on.
+
+Every live consumer is in one group, `live.LIVE_GROUP`: the publisher sends batches to it, each
+item addressed to a page (`group()`: a customer's, or the overview), and a consumer keeps the
+items addressed to it (sending/live/publishing.py says why one group).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import time
 
 from channels.auth import get_user
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -46,6 +51,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     watcher: asyncio.Task | None = None  # set once the socket is accepted
 
     def group(self) -> str:
+        """The address of this page's items in the publisher's batches."""
         raise NotImplementedError
 
     async def snapshot(self) -> dict:
@@ -59,7 +65,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         self.session_key = self.scope["session"].session_key
         self.user_id = user.pk
         live.register_consumer_loop(asyncio.get_running_loop())
-        await self.channel_layer.group_add(self.group(), self.channel_name)
+        await self.channel_layer.group_add(live.LIVE_GROUP, self.channel_name)
         await self.accept()
         await database_sync_to_async(live.mark_watched)(self.customer_id)
         await self.send_json({"type": "snapshot", "snapshot": await self.snapshot()})
@@ -71,7 +77,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
         with contextlib.suppress(AttributeError):
-            await self.channel_layer.group_discard(self.group(), self.channel_name)
+            await self.channel_layer.group_discard(live.LIVE_GROUP, self.channel_name)
 
     async def _watch(self):
         """Keep presence and re-check permissions until the socket closes."""
@@ -93,6 +99,25 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         pass  # forward-only: steering goes through the page's form, with CSRF and a permission
 
     # Group messages ------------------------------------------------------------------------
+
+    async def dispatch(self, message):
+        """A batch goes straight to its items' handlers. Channels' own dispatch first closes
+        stale database connections in its one thread-sensitive thread, a thread hop a message
+        that every page of the process waits in line for; the live handlers use no database."""
+        if message["type"] != "live.batch":
+            await super().dispatch(message)
+            return
+        mine = self.group()
+        for group, item in message["items"]:
+            if group == mine:
+                kind = item.get("type", "")
+                handler = None
+                if kind.startswith("live.") and kind != "live.batch":
+                    handler = getattr(self, get_handler_name(item), None)
+                if handler is None:
+                    log.warning("live page: no handler for %r", kind)
+                else:
+                    await handler(item)
 
     async def live_sample(self, event):
         await self.send_json({"type": "sample", "sample": event["sample"]})

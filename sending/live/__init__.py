@@ -8,6 +8,7 @@ whoever watches, and what a page opens with. Callers use this package's names, n
 """
 
 from .presence import (
+    LIVE_GROUP,
     OVERVIEW_GROUP,
     PRESENCE_TTL_S,
     customer_group,
@@ -17,6 +18,7 @@ from .presence import (
     watched,
 )
 from .publishing import (
+    FLUSH_EVERY_MS,
     OVERVIEW_EVERY_MS,
     PUBLISH_EVERY_MS,
     STATE_TTL_S,
@@ -39,7 +41,9 @@ from .samples import (
 from .snapshots import HISTORY_HOURS, history, last_samples, limit_changes, snapshot
 
 __all__ = [
+    "FLUSH_EVERY_MS",
     "HISTORY_HOURS",
+    "LIVE_GROUP",
     "MESSAGE_STATS_TTL_S",
     "MINUTE_COLUMNS",
     "OVERVIEW_EVERY_MS",

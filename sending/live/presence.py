@@ -1,10 +1,15 @@
-"""Who watches: the presence keys the live consumers refresh, the channel-layer groups, and the
-cache key scheme every part of the live package shares."""
+"""Who watches: the presence keys the live consumers refresh, the channel-layer group and the
+addresses inside it, and the cache key scheme every part of the live package shares."""
 
 from __future__ import annotations
 
 from django.core.cache import cache
 
+# Every live page's consumer is in one channel-layer group, LIVE_GROUP: the publisher sends one
+# batch at a time to it, each item addressed to a customer's page (`customer_group`) or to the
+# overview (OVERVIEW_GROUP), and each consumer keeps the items addressed to it
+# (docs/architecture.md, "How a sample travels from a check-in to a chart").
+LIVE_GROUP = "live"
 OVERVIEW_GROUP = "live-overview"
 PRESENCE_TTL_S = 15  # a consumer refreshes its presence well within this
 

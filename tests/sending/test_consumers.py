@@ -103,6 +103,33 @@ def test_staff_who_may_watch_get_a_snapshot_then_samples(sockets, tick):
     run(scenario)
 
 
+def test_each_page_gets_only_what_is_addressed_to_it(sockets, tick):
+    """One group for every live page: the publisher's batches carry items addressed to pages,
+    and each consumer passes on only its own."""
+    first, second = CustomerFactory(), CustomerFactory()
+    make_message(first, 5)
+    make_message(second, 5)
+    cookie = session_cookie(UserFactory(groups=["Support"]))
+
+    async def scenario():
+        pages = {}
+        for customer in (first, second):
+            pages[customer.pk] = communicator(f"/ws/live/customer/{customer.pk}/", cookie=cookie)
+        pages[None] = communicator("/ws/live/overview/", cookie=cookie)
+        for socket in pages.values():
+            assert (await socket.connect())[0]
+            assert (await socket.receive_json_from(timeout=5))["type"] == "snapshot"
+        await tick(first.pk)
+        sample = await pages[first.pk].receive_json_from(timeout=5)
+        assert sample["type"] == "sample" and sample["sample"]["customer"] == first.pk
+        line = await pages[None].receive_json_from(timeout=5)
+        assert line["type"] == "line" and line["line"]["customer"] == first.pk
+        assert await pages[second.pk].receive_nothing(timeout=0.5)
+        assert await pages[first.pk].receive_nothing(timeout=0.3)  # one sample, once
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("who", ["anonymous", "not_staff", "no_permission"])
 def test_those_who_may_not_watch_are_refused(sockets, who):
     customer = CustomerFactory()
