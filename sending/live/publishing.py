@@ -13,10 +13,10 @@ thread), so channels_redis keeps one connection pool per process instead of one 
 loop until `close_pools()` is called.
 
 The loop gathers what is published within FLUSH_EVERY_MS and sends it as one batch to LIVE_GROUP,
-each item addressed to a page's group; each consumer keeps the items addressed to it. A message a
-sample, each to a group of its own, was one message in the web process's inbox each: at a
-hundred watched customers about 280 a second, each received with four Redis round trips, and
-the inbox (channels_redis keeps at most 100 messages a channel) dropped most of them
+each item addressed to a page's group; each consumer keeps the items addressed to it. When each
+sample went to its page's group as a message of its own, each was one message in the web
+process's inbox: at a hundred watched customers about 280 a second, each received with four
+Redis round trips, and channels_redis keeps at most 100 messages a channel, so most were dropped
 (docs/benchmarks.md). A batch is one message per web process, whatever it holds.
 """
 
