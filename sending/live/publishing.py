@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_MS = 250  # at most 4 messages a second a customer
 OVERVIEW_EVERY_MS = 1000  # the overview gets each customer's line at most once a second
-FLUSH_EVERY_MS = 100  # the publisher sends what it was given at most this often, as one batch
+# The publisher sends what it was given at most this often, as one batch. Each batch costs the
+# web process four Redis round trips and a wake-up of every live consumer: every 100 ms, its
+# inbox fell behind at a hundred watched customers (docs/benchmarks.md).
+FLUSH_EVERY_MS = 250
 STATE_TTL_S = SECONDS_KEPT + 60
 
 

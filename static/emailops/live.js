@@ -546,6 +546,9 @@
         state.samples += 1;
         show(line);
       },
+      lines: function (lines) {
+        lines.forEach(this.line, this);
+      },
       idle: function (message) {
         var tr = table.querySelector('tr[data-customer="' + message.customer + '"]');
         if (tr) {

@@ -7,6 +7,7 @@ a conductor ticks in a thread of its own, as a Celery worker would run it. The d
 only outside `browse`, or from a thread of its own (see conftest).
 """
 
+import re
 import threading
 import time
 
@@ -311,6 +312,21 @@ def test_the_overview_lists_who_is_sending_and_links_to_their_live_page(
         screenshot(page, "overview")
         rows.first.get_by_role("link", name="Lakeside University").click()
         expect(page.locator("h1")).to_have_text("Live: Lakeside University")
+
+
+def test_the_overview_follows_a_send_as_it_goes(browse, operator_user, sending, screenshot):
+    """The overview's lines come over the websocket, a publisher batch's lines in one message
+    ("lines"), and each moves its customer's row."""
+    customer, _, _ = sending
+    with browse(operator_user) as page:
+        page.goto(reverse("admin:sending_live_overview"))
+        row = page.locator(f'#live-overview tbody tr[data-customer="{customer.pk}"]')
+        expect(row).to_contain_text(customer.name)
+        wait_for(page, lambda: page.evaluate("window.emailopsLive.samples") > 2,
+                 timeout_s=20, what="lines on the overview")  # fmt: skip
+        expect(row.locator('[data-field="workers"]')).to_have_text("1 of 1", timeout=15_000)
+        expect(row.locator('[data-field="rate"]')).to_have_text(re.compile(r"^[0-9.]+/s$"))
+        screenshot(page, "overview-live")
 
 
 def test_the_engine_admin_answers_what_happened_in_a_minute_and_hides_provider_blocks(

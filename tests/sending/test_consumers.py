@@ -122,8 +122,9 @@ def test_each_page_gets_only_what_is_addressed_to_it(sockets, tick):
         await tick(first.pk)
         sample = await pages[first.pk].receive_json_from(timeout=5)
         assert sample["type"] == "sample" and sample["sample"]["customer"] == first.pk
-        line = await pages[None].receive_json_from(timeout=5)
-        assert line["type"] == "line" and line["line"]["customer"] == first.pk
+        lines = await pages[None].receive_json_from(timeout=5)  # a batch's lines, in one message
+        assert lines["type"] == "lines"
+        assert [line["customer"] for line in lines["lines"]] == [first.pk]
         assert await pages[second.pk].receive_nothing(timeout=0.5)
         assert await pages[first.pk].receive_nothing(timeout=0.3)  # one sample, once
 
