@@ -31,7 +31,7 @@ Measured
   sample before this work (a GROUP BY over every recipient of the customer's active messages,
   ``baseline_sample`` below) on the same customers, interleaved with it. Both are timed after
   the latency window (the fleet still sending, its pages closed): the baseline's GROUP BYs, six
-  a second at 85–126 ms each (medians measured), are a load production no longer has.
+  a second at 85 to 126 ms each (medians measured), are a load production no longer has.
 - ``tick_cpu_ms``: CPU of a whole conductor tick (``sending.conductor.tick``, this process's
   thread plus the publisher thread) for those customers, with and without someone watching.
 

@@ -102,8 +102,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
 
     async def dispatch(self, message):
         """A batch goes straight to its items' handlers. Channels' own dispatch first closes
-        stale database connections in its one thread-sensitive thread, a thread hop a message
-        that every page of the process waits in line for; the live handlers use no database."""
+        stale database connections, a hop to the one thread-sensitive thread that every page of
+        the process shares, for every message; the live handlers use no database."""
         if message["type"] != "live.batch":
             await super().dispatch(message)
             return
