@@ -30,7 +30,8 @@ from customers.models import Customer, SendLimit
 
 from . import checkin, leases, ledger, pacing, queue
 from .clock import Clock, ms_to_datetime
-from .live import on_tick as record_live_sample
+from .live import Tick
+from .live import on_ticks as record_live_samples
 from .models import ConductorLease, Lease, Message, Recipient, Worker
 from .runtimes import get_runtime, worker_api_url
 
@@ -108,8 +109,9 @@ def tick_many(
     *, customer_ids: list[int], clock: Clock | None = None, runtime=None
 ) -> dict[int, TickReport]:
     """Tick these customers (their leases held by the caller) with set-based reads: a handful
-    of statements for all of them, then per customer only its live sample (two statements) and
-    whatever its rows say can change — reclaiming an overdue batch, starting a worker.
+    of statements for all of them, then per customer only whatever its rows say can change —
+    reclaiming an overdue batch, starting a worker — and the live samples of all of them in two
+    statements more (`live.on_ticks`).
 
     One customer's failure is logged and leaves the others' ticks alone.
     """
@@ -142,24 +144,25 @@ def tick_many(
         # Keep ticking while batches are out, so expired ones are reclaimed even after a cancel.
         state = states.get(customer_id)
         report.sending = state is not None and (state.sending or state.out)
-        with _isolated(customer_id):
-            report.sample = record_live_sample(
-                customer_id=customer_id,
-                now_ms=clock.now_ms,
-                sending=report.sending,
-                lost=report.lost,
-            )
+    # The live samples of all of them together (a customer whose sample fails is logged there).
+    with _isolated(list(customer_ids)):
+        ticks = [Tick(c, report.sending, report.lost) for c, report in reports.items()]
+        for customer_id, sample in record_live_samples(ticks, now_ms=clock.now_ms).items():
+            reports[customer_id].sample = sample
     return reports
 
 
 @contextmanager
-def _isolated(customer_id: int):
+def _isolated(customer_id: int | list[int]):
     try:
         yield
     except DatabaseError:
         raise  # the connection's state is the caller's to handle
     except Exception:
-        log.exception("customer %s: tick step failed", customer_id)
+        if isinstance(customer_id, list):
+            log.exception("customers %s: tick step failed", customer_id)
+        else:
+            log.exception("customer %s: tick step failed", customer_id)
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 
 from channels.layers import get_channel_layer
 from django.core.cache import cache
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from .. import alerts
 from .presence import LIVE_GROUP, OVERVIEW_GROUP, customer_group, key, watch_key, watched
-from .samples import SECONDS_KEPT, build, overview_line, read_rows
+from .samples import SECONDS_KEPT, build, overview_line, read_rows_many
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +52,80 @@ STATE_TTL_S = SECONDS_KEPT + 60
 def on_tick(*, customer_id: int, now_ms: int, sending: bool, lost: int = 0) -> dict | None:
     """Called by each conductor tick: record the customer's per-second point, check its alerts
     and publish a sample if someone watches. Returns the sample (None when idle)."""
-    state_key = key("state", customer_id)
+    return on_ticks([Tick(customer_id, sending, lost)], now_ms=now_ms)[customer_id]
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One customer's part of a conductor round's live step."""
+
+    customer_id: int
+    sending: bool
+    lost: int = 0
+
+
+def on_ticks(ticks: list[Tick], *, now_ms: int) -> dict[int, dict | None]:
+    """`on_tick` for the customers a conductor round ticks together, with the same two
+    statements and two cache round trips for all of them: a round that read and wrote each
+    customer's rows and cache entries in turn spent most of its time waiting for those round
+    trips on a busy machine, and its next round started late (docs/benchmarks.md). A customer
+    whose sample cannot be built is logged and left out (None); the others go on."""
+    samples: dict[int, dict | None] = {t.customer_id: None for t in ticks}
+    idle = [t.customer_id for t in ticks if not t.sending]
+    if idle:
+        states = cache.get_many([key("state", c) for c in idle])
+        for customer_id in idle:
+            if states.get(key("state", customer_id)) is not None:
+                # One last sample, so that open pages see the send end.
+                cache.delete(key("state", customer_id))
+                _publish_final(customer_id, now_ms)
+    sending = [t for t in ticks if t.sending]
     if not sending:
-        if cache.get(state_key) is not None:
-            # One last sample, so that open pages see the send end.
-            cache.delete(state_key)
-            _publish_final(customer_id, now_ms)
-        return None
-    # Two statements and two cache round trips a tick: the rows, then everything the cache
-    # holds for them at once (the state, who watches, the messages' sizes), then the writes.
-    rows = read_rows(customer_id, now_ms)
-    watch_keys = (watch_key(customer_id), watch_key(None))
-    cached = cache.get_many(
-        [state_key, *watch_keys, *(key("msg", m["id"]) for m in rows["messages"])]
-    )
-    sample, state = build(customer_id, now_ms, cached.get(state_key), rows=rows, cached=cached)
-    sample["alerts"] = alerts.check(sample, lost=lost)
-    last_published = state.get("published", 0)
-    last_overview = state.get("overview", 0)
+        return samples
+    # Two statements and two cache round trips a round: the rows, then everything the cache
+    # holds for them at once (the states, who watches, the messages' sizes), then the writes.
+    everyone = read_rows_many([t.customer_id for t in sending], now_ms)
+    wanted = [watch_key(None)]
+    for t in sending:
+        wanted += [key("state", t.customer_id), watch_key(t.customer_id)]
+        wanted += [key("msg", m["id"]) for m in everyone[t.customer_id]["messages"]]
+    cached = cache.get_many(wanted)
+    writes: dict[str, dict] = {}
     outgoing = []
-    if now_ms - last_published >= PUBLISH_EVERY_MS and cached.get(watch_keys[0]):
-        outgoing.append((customer_group(customer_id), {"type": "live.sample", "sample": sample}))
-        state["published"] = now_ms
-    if now_ms - last_overview >= OVERVIEW_EVERY_MS and cached.get(watch_keys[1]):
-        line = overview_line(sample)
-        outgoing.append((OVERVIEW_GROUP, {"type": "live.line", "line": line}))
-        state["overview"] = now_ms
-    cache.set_many({state_key: state, key("last", customer_id): sample}, STATE_TTL_S)
+    for t in sending:
+        try:
+            sample, state = _sample(t, now_ms, everyone[t.customer_id], cached, outgoing)
+        except DatabaseError:
+            raise  # the connection's state is the caller's to handle
+        except Exception:
+            log.exception("customer %s: live sample failed", t.customer_id)
+            continue
+        writes[key("state", t.customer_id)] = state
+        writes[key("last", t.customer_id)] = sample
+        samples[t.customer_id] = sample
+    if writes:
+        cache.set_many(writes, STATE_TTL_S)
     if outgoing:
         transaction.on_commit(lambda: publish(outgoing))
-    return sample
+    return samples
+
+
+def _sample(t: Tick, now_ms: int, rows: dict, cached: dict, outgoing: list) -> tuple[dict, dict]:
+    """One customer's sample and state; what it publishes is added to `outgoing`."""
+    customer_id = t.customer_id
+    sample, state = build(
+        customer_id, now_ms, cached.get(key("state", customer_id)), rows=rows, cached=cached
+    )
+    sample["alerts"] = alerts.check(sample, lost=t.lost)
+    if now_ms - state.get("published", 0) >= PUBLISH_EVERY_MS and cached.get(
+        watch_key(customer_id)
+    ):
+        outgoing.append((customer_group(customer_id), {"type": "live.sample", "sample": sample}))
+        state["published"] = now_ms
+    if now_ms - state.get("overview", 0) >= OVERVIEW_EVERY_MS and cached.get(watch_key(None)):
+        outgoing.append((OVERVIEW_GROUP, {"type": "live.line", "line": overview_line(sample)}))
+        state["overview"] = now_ms
+    return sample, state
 
 
 def _publish_final(customer_id: int, now_ms: int) -> None:

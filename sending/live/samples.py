@@ -16,8 +16,6 @@ second; the per-minute bars are the ledger's `sent`, exactly.
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
@@ -45,60 +43,79 @@ def _row_ms(value) -> int | None:
 
 def read_rows(customer_id: int, now_ms: int) -> dict:
     """The engine's rows a sample is built from, in two statements."""
-    window = window_ms()
-    minute_ms = now_ms - now_ms % window
-    minutes = [minute_ms - window, minute_ms]
-    adapt = connection.ops.adapt_datetimefield_value
-    live_states = [s.value for s in Worker.LIVE_STATES]
-    sql = f"""
-        SELECT 'minute', m.minute_start, {", ".join("m." + c for c in MINUTE_COLUMNS)}
-        FROM {CustomerMinute._meta.db_table} m
-        WHERE m.customer_id = %s AND m.minute_start IN (%s, %s)
-        UNION ALL
-        SELECT 'lease', l.minute_start, COUNT(*), SUM(l.size), SUM(l.started_through),
-               0, 0, 0, 0
-        FROM {Lease._meta.db_table} l
-        WHERE l.customer_id = %s AND l.state = %s
-        GROUP BY l.minute_start
-        UNION ALL
-        SELECT 'workers', NULL, COUNT(*), AVG(w.rate_per_s),
-               SUM(CASE WHEN w.throttled_minute = %s THEN 1 ELSE 0 END), 0, 0, 0, 0
-        FROM {Worker._meta.db_table} w
-        WHERE w.customer_id = %s AND w.state IN ({", ".join(["%s"] * len(live_states))})
-        UNION ALL
-        SELECT 'limits', NULL, s.per_minute, s.max_workers, s.concurrency,
-               CASE WHEN s.paused THEN 1 ELSE 0 END, a.per_minute_cap, 0, 0
-        FROM {SendLimit._meta.db_table} s
-        JOIN {Customer._meta.db_table} c ON c.id = s.customer_id
-        LEFT JOIN {ProviderAccount._meta.db_table} a ON a.id = c.provider_account_id
-        WHERE s.customer_id = %s
-        UNION ALL
-        SELECT 'conductor:' || k.holder, k.heartbeat_at, 0, 0, 0, 0, 0, 0, 0
-        FROM {ConductorLease._meta.db_table} k WHERE k.customer_id = %s
-    """  # noqa: S608 - table names and placeholders only
-    params = [
-        customer_id,
-        adapt(ms_to_datetime(minutes[0])),
-        adapt(ms_to_datetime(minutes[1])),
-        customer_id,
-        Lease.State.OPEN.value,
-        adapt(ms_to_datetime(minute_ms)),
-        customer_id,
-        *live_states,
-        customer_id,
-        customer_id,
-    ]
-    rows: dict[str, Any] = {
+    return read_rows_many([customer_id], now_ms)[customer_id]
+
+
+def _empty_rows(minute_ms: int) -> dict:
+    return {
         "minute_ms": minute_ms,
         "minutes": {},
         "leases": {},
         "workers": (0, None, 0),
         "limits": None,
         "conductor": (None, ""),
+        "messages": [],
     }
+
+
+def read_rows_many(customer_ids: list[int], now_ms: int) -> dict[int, dict]:
+    """`read_rows` for several customers at once, in the same two statements: a conductor round
+    reads every customer it ticks together (a statement a customer was most of a round's time on
+    a busy machine, docs/benchmarks.md)."""
+    window = window_ms()
+    minute_ms = now_ms - now_ms % window
+    minutes = [minute_ms - window, minute_ms]
+    adapt = connection.ops.adapt_datetimefield_value
+    live_states = [s.value for s in Worker.LIVE_STATES]
+    ids = sorted(set(customer_ids))
+    if not ids:
+        return {}
+    some = ", ".join(["%s"] * len(ids))
+    sql = f"""
+        SELECT m.customer_id, 'minute', m.minute_start,
+               {", ".join("m." + c for c in MINUTE_COLUMNS)}
+        FROM {CustomerMinute._meta.db_table} m
+        WHERE m.customer_id IN ({some}) AND m.minute_start IN (%s, %s)
+        UNION ALL
+        SELECT l.customer_id, 'lease', l.minute_start, COUNT(*), SUM(l.size),
+               SUM(l.started_through), 0, 0, 0, 0
+        FROM {Lease._meta.db_table} l
+        WHERE l.customer_id IN ({some}) AND l.state = %s
+        GROUP BY l.customer_id, l.minute_start
+        UNION ALL
+        SELECT w.customer_id, 'workers', NULL, COUNT(*), AVG(w.rate_per_s),
+               SUM(CASE WHEN w.throttled_minute = %s THEN 1 ELSE 0 END), 0, 0, 0, 0
+        FROM {Worker._meta.db_table} w
+        WHERE w.customer_id IN ({some}) AND w.state IN ({", ".join(["%s"] * len(live_states))})
+        GROUP BY w.customer_id
+        UNION ALL
+        SELECT s.customer_id, 'limits', NULL, s.per_minute, s.max_workers, s.concurrency,
+               CASE WHEN s.paused THEN 1 ELSE 0 END, a.per_minute_cap, 0, 0
+        FROM {SendLimit._meta.db_table} s
+        JOIN {Customer._meta.db_table} c ON c.id = s.customer_id
+        LEFT JOIN {ProviderAccount._meta.db_table} a ON a.id = c.provider_account_id
+        WHERE s.customer_id IN ({some})
+        UNION ALL
+        SELECT k.customer_id, 'conductor:' || k.holder, k.heartbeat_at, 0, 0, 0, 0, 0, 0, 0
+        FROM {ConductorLease._meta.db_table} k WHERE k.customer_id IN ({some})
+    """  # noqa: S608 - table names and placeholders only
+    params = [
+        *ids,
+        adapt(ms_to_datetime(minutes[0])),
+        adapt(ms_to_datetime(minutes[1])),
+        *ids,
+        Lease.State.OPEN.value,
+        adapt(ms_to_datetime(minute_ms)),
+        *ids,
+        *live_states,
+        *ids,
+        *ids,
+    ]
+    everyone = {customer_id: _empty_rows(minute_ms) for customer_id in ids}
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        for kind, at, *values in cursor.fetchall():
+        for customer_id, kind, at, *values in cursor.fetchall():
+            rows = everyone[customer_id]
             if kind == "minute":
                 rows["minutes"][_row_ms(at)] = dict(
                     zip(MINUTE_COLUMNS, map(int, values), strict=True)
@@ -126,15 +143,17 @@ def read_rows(customer_id: int, now_ms: int) -> dict:
                 rows["conductor"] = (_row_ms(at), kind.removeprefix("conductor:"))
         # Raw SQL too: the query compiler would cost more than the query (a tick runs often).
         cursor.execute(
-            f"SELECT id, subject, status, claim_after FROM {Message._meta.db_table}"  # noqa: S608
-            " WHERE customer_id = %s AND status IN (%s, %s) ORDER BY started_at, id",
-            [customer_id, Message.Status.SENDING.value, Message.Status.PAUSED.value],
+            f"SELECT customer_id, id, subject, status, claim_after"  # noqa: S608
+            f" FROM {Message._meta.db_table}"
+            f" WHERE customer_id IN ({some}) AND status IN (%s, %s)"
+            " ORDER BY customer_id, started_at, id",
+            [*ids, Message.Status.SENDING.value, Message.Status.PAUSED.value],
         )
-        rows["messages"] = [
-            {"id": i, "subject": subject, "status": status, "claim_after": cursor_at}
-            for i, subject, status, cursor_at in cursor.fetchall()
-        ]
-    return rows
+        for customer_id, i, subject, status, cursor_at in cursor.fetchall():
+            everyone[customer_id]["messages"].append(
+                {"id": i, "subject": subject, "status": status, "claim_after": cursor_at}
+            )
+    return everyone
 
 
 def message_stats(

@@ -90,6 +90,33 @@ def test_after_the_first_tick_a_sample_reads_no_recipient_row(customer):
     assert not [q for q in queries if Recipient._meta.db_table in q["sql"]]
 
 
+def test_a_round_reads_every_customer_in_the_same_two_statements_and_gets_each_its_own(db):
+    customers = [CustomerFactory(per_minute=600 + 100 * i) for i in range(3)]
+    messages = {}
+    for i, customer in enumerate(customers):
+        messages[customer.pk] = make_message(customer, 10)
+        minute_row(customer, MINUTE, granted=100 + i, sent=10 * (i + 1))
+        open_lease(customer, size=20 + i, started_through=5 + i)
+    quiet = CustomerFactory()  # nothing sending: no sample, no statement of its own
+    alone = {c.pk: live.read_rows(c.pk, T0) for c in customers}
+    for customer in customers:  # each message's size, counted once and kept (as a first tick)
+        live.build(customer.pk, T0, None, rows=alone[customer.pk])
+
+    assert live.read_rows_many([c.pk for c in customers], T0) == alone
+    ticks = [live.Tick(c.pk, True) for c in customers] + [live.Tick(quiet.pk, False)]
+    with CaptureQueriesContext(connection) as queries:
+        samples = live.on_ticks(ticks, now_ms=T0 + 500)
+    assert len(queries) == 2
+    assert samples[quiet.pk] is None
+    for i, customer in enumerate(customers):
+        sample = samples[customer.pk]
+        assert sample["customer"] == customer.pk
+        assert sample["minute"]["sent"] == 10 * (i + 1)
+        assert sample["limits"]["per_minute"] == 600 + 100 * i
+        assert sample["workers"] == 1
+        assert [m["id"] for m in sample["messages"]] == [messages[customer.pk].pk]
+
+
 def test_per_second_points_come_from_the_progress_marks_and_the_reports(customer):
     minute_row(customer, MINUTE, granted=200)
     lease = open_lease(customer, size=200, started_through=0)
