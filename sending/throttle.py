@@ -95,10 +95,13 @@ def judge(
     have counted); ``cap``: the cap in force.
 
     EDGE when the first refusal came within `EDGE_MS` of the start window opening and the
-    previous minute was full: the provider still counted it in its previous minute. Its start
-    guard widens to cover the last such refusal (the provider's minute turned no earlier) plus
-    `GUARD_MARGIN_MS`, and at least doubles if a widening was already in force; its workers hold
-    until the widened window opens (or the Retry-After, if later).
+    provider's previous minute was full: the provider still counted it in its previous minute.
+    If its minute had not turned, it counted there what we charged to this minute so far as well,
+    so "full" is ``previous_used + used_now`` against the previous cap (after a first minute that
+    began late and sent little, the provider's previous minute fills with this one's sends).
+    Its start guard widens to cover the last such refusal (the provider's minute turned no
+    earlier) plus `GUARD_MARGIN_MS`, and at least doubles if a widening was already in force; its
+    workers hold until the widened window opens (or the Retry-After, if later).
     BELOW otherwise: the provider has less room than our count says. The rest of the minute is
     capped at ``used_now`` (what was accepted and is in flight), and the workers hold for the
     Retry-After (or `BACKOFF_MS`). A Retry-After is honoured up to one window.
@@ -117,7 +120,7 @@ def judge(
     )
     opens = minute_start_ms + guard_ms + learned_guard_ms
     edge_until = opens + min(EDGE_MS, window_ms // 8)
-    full = previous_cap > 0 and previous_used >= FULL_SHARE * previous_cap
+    full = previous_cap > 0 and previous_used + used_now >= FULL_SHARE * previous_cap
     if first <= edge_until and full:
         last = max(r.at_ms for r in refusals if r.at_ms <= edge_until)
         widest = max_learned_guard_ms(guard_ms=guard_ms, window_ms=window_ms)

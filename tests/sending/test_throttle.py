@@ -56,6 +56,16 @@ def test_a_refusal_at_the_start_after_a_minute_that_was_not_full_is_below_the_ca
     assert verdict.hold_until_ms == MINUTE + 300 + throttle.BACKOFF_MS
 
 
+def test_an_edge_refusal_after_a_short_first_minute_counts_this_minutes_sends_in_the_previous():
+    # A send began late in a minute and sent 22 of 40 there. The provider, 1.3 s behind, took our
+    # next minute's first 18 into that same minute of its own, so it was full when it refused.
+    verdict = judged([Refusal(MINUTE + 1_240)], previous_used=22, used_now=18, cap=40)
+    assert verdict.kind == EDGE
+    assert verdict.cap_estimate is None  # the rest of our minute still gets the cap
+    # Together they fall short of full: below our count, as before.
+    assert judged([Refusal(MINUTE + 1_240)], previous_used=22, used_now=15, cap=40).kind == BELOW
+
+
 def test_a_mid_minute_refusal_caps_the_rest_of_the_minute_and_honours_retry_after():
     verdict = judged([Refusal(MINUTE + 30_000, retry_after_ms=5_000)], used_now=700)
     assert verdict.kind == BELOW
@@ -122,7 +132,7 @@ def test_a_verdict_only_ever_delays_starts_or_lowers_the_cap(
         assert learned <= verdict.learned_guard_ms <= widest
         assert 2 * guard + verdict.learned_guard_ms < WINDOW  # the window stays open
         assert verdict.hold_until_ms >= MINUTE + guard + verdict.learned_guard_ms
-        assert previous_used >= throttle.FULL_SHARE * cap
+        assert previous_used + used_now >= throttle.FULL_SHARE * cap
     else:
         assert verdict.learned_guard_ms == learned
         assert 0 <= verdict.cap_estimate <= min(cap, used_now)
