@@ -154,7 +154,14 @@ def steer(page: Page, **values) -> None:
 
 def wait_until_drawn(page: Page) -> None:
     """The page's script (deferred) has run: its charts and data are there."""
-    page.wait_for_function("window.emailopsLive !== undefined && window.emailopsLive.series")
+    wait_for_script(page, "window.emailopsLive !== undefined && !!window.emailopsLive.series")
+
+
+def wait_for_script(page: Page, expression: str, timeout_s: float = 15) -> None:
+    """Poll `expression` from here. Not `page.wait_for_function`: when its first check is false,
+    it polls with `eval` inside the page, which the live pages' Content-Security-Policy (no
+    'unsafe-eval') refuses; `page.evaluate` goes through the browser's debugging protocol."""
+    wait_for(page, lambda: page.evaluate(expression), timeout_s=timeout_s, what=expression)
 
 
 def test_an_operator_watches_a_send_and_steers_it(browse, operator_user, sending, screenshot):
@@ -212,7 +219,7 @@ def test_an_operator_watches_a_send_and_steers_it(browse, operator_user, sending
 
         # The message page follows the send too.
         page.goto(reverse("admin:sending_message_change", args=[message.pk]))
-        page.wait_for_function("window.emailopsLive !== undefined")
+        wait_for_script(page, "window.emailopsLive !== undefined")
         live_progress = page.locator(".message-live progress")
         wait_for(page, lambda: page.evaluate("window.emailopsLive.samples") > 1,
                  timeout_s=10, what="samples on the message page")  # fmt: skip
