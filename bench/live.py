@@ -15,6 +15,9 @@ Measured
 - ``delivery_p50_ms`` / ``delivery_p95_ms``: from the tick that built a sample (its ``t``) to
   its arrival at the page: the part of the latency spent in the channel layer and the web
   process.
+- ``layer_delivery_p50_ms`` / ``layer_delivery_p95_ms``: the same, to a listener on the live
+  group in the bench's own process: the publisher's and the channel layer's part of delivery
+  (what comes after it is the web process's).
 - ``messages_per_s_per_customer``: websocket messages each watched customer's page received
   per second (the conductor publishes at most 4 a second a customer), and
   ``unwatched_messages_per_s_per_customer``: messages the publisher addressed to the pages of
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -339,6 +343,56 @@ def delivery_ms(watchers: Watchers, since: float, until: float) -> list[float]:
     ]
 
 
+class LayerListener:
+    """A listener on the live group in a thread of its own, beside the pages: for each sample
+    item of a batch, from its tick (the sample's `t`) to the batch reaching this process. What
+    `delivery_ms` adds on top of it is the web process's part."""
+
+    def __init__(self) -> None:
+        from channels.layers import channel_layers
+
+        self.layer = channel_layers.make_backend("default")
+        self.arrivals: list[tuple[float, float]] = []  # (arrival, arrival - tick) in s, ms
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._channel: str | None = None
+        self._done: concurrent.futures.Future | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        ready = threading.Event()
+        self._done = asyncio.run_coroutine_threadsafe(self._listen(ready), self._loop)
+        if not ready.wait(10):
+            raise RuntimeError("the layer listener did not join the live group")
+
+    async def _listen(self, ready: threading.Event) -> None:
+        from sending import live
+
+        self._channel = await self.layer.new_channel()
+        await self.layer.group_add(live.LIVE_GROUP, self._channel)
+        ready.set()
+        while (message := await self.layer.receive(self._channel))["type"] != "bench.stop":
+            now = time.time()
+            for _, item in message.get("items", ()):
+                if item.get("type") == "live.sample":
+                    self.arrivals.append((now, now * 1000 - item["sample"]["t"]))
+        await self.layer.group_discard(live.LIVE_GROUP, self._channel)
+        await self.layer.close_pools()
+
+    def stop(self) -> None:
+        # A message of our own ends the receive loop (cancelling a receive in flight leaves
+        # channels_redis's connection in a bad state).
+        asyncio.run_coroutine_threadsafe(
+            self.layer.send(self._channel, {"type": "bench.stop"}), self._loop
+        ).result(10)
+        self._done.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def delivery_ms(self, since: float, until: float) -> list[float]:
+        return [ms for at, ms in self.arrivals if since <= at <= until]
+
+
 # --- the cost of a sample and of a tick -------------------------------------------------------
 
 
@@ -497,6 +551,7 @@ def run_fleet(
     fleet = Fleet(spec)
     user_id = None
     watchers = None
+    listener = None
     ticker = None
     result: dict = {"customers": n}
     try:
@@ -511,6 +566,8 @@ def run_fleet(
         watchers = Watchers(fleet.web_url, cookie, ids if watch else [])
         if watch:
             watchers.start()
+            listener = LayerListener()
+            listener.start()
         print(f"[{n}] web, Celery worker and beat up; {len(watchers.received)} websockets; "
               f"load {_load()}", flush=True)  # fmt: skip
         _sql(TRIGGER_SQL)
@@ -528,6 +585,10 @@ def run_fleet(
         if ticker is not None:
             ticker.timing.set()  # the sample against the baseline, while the fleet still sends
         watchers.stop()
+        layer_delivered = []
+        if listener is not None:
+            listener.stop()
+            layer_delivered = listener.delivery_ms(measure_from, measure_until)
         events = recorded_events(ids, measure_from, measure_until - 2)
         found, missed = latencies(watchers, events)
         delivered = delivery_ms(watchers, measure_from, measure_until)
@@ -559,6 +620,8 @@ def run_fleet(
                 "latency_max_ms": _round(max(found) if found else None),
                 "delivery_p50_ms": _round(_percentile(delivered, 0.50)),
                 "delivery_p95_ms": _round(_percentile(delivered, 0.95)),
+                "layer_delivery_p50_ms": _round(_percentile(layer_delivered, 0.50)),
+                "layer_delivery_p95_ms": _round(_percentile(layer_delivered, 0.95)),
                 "sends_recorded": len(events),
                 "sends_not_seen_before_the_end": missed,
                 "messages_per_s_per_customer": _round(statistics.mean(per_customer), 2),
