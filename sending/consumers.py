@@ -8,9 +8,10 @@ page gets a snapshot (per-minute history, the last ten minutes of per-second poi
 sample), so a reconnect resumes where the page left off; then every sample the conductor
 publishes for the page. Nothing a client sends is acted on.
 
-Every live consumer is in one group, `live.LIVE_GROUP`: the publisher sends batches to it, each
-item addressed to a page (`group()`: a customer's, or the overview), and a consumer keeps the
-items addressed to it (sending/live/publishing.py says why one group).
+The publisher sends batches to one channel-layer group, `live.LIVE_GROUP`, each item addressed
+to a page (`group()`: a customer's, or the overview). A consumer subscribes to its address at
+its loop's hub (`live.subscribe`, sending/live/hub.py), which reads each batch once and hands
+the consumer the items addressed to it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ async def _user_now(session_key: str | None):
 class LiveConsumer(AsyncJsonWebsocketConsumer):
     customer_id: int | None = None  # None: the overview
     watcher: asyncio.Task | None = None  # set once the socket is accepted
+    subscription: live.Subscription | None = None  # the page's items, from its loop's hub
 
     def group(self) -> str:
         """The address of this page's items in the publisher's batches."""
@@ -65,7 +67,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         self.session_key = self.scope["session"].session_key
         self.user_id = user.pk
         live.register_consumer_loop(asyncio.get_running_loop())
-        await self.channel_layer.group_add(live.LIVE_GROUP, self.channel_name)
+        self.subscription = await live.subscribe(self.group(), self.deliver)
         await self.accept()
         await database_sync_to_async(live.mark_watched)(self.customer_id)
         await self.send_json({"type": "snapshot", "snapshot": await self.snapshot()})
@@ -76,8 +78,9 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             self.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watcher
-        with contextlib.suppress(AttributeError):
-            await self.channel_layer.group_discard(live.LIVE_GROUP, self.channel_name)
+        if self.subscription is not None:
+            await self.subscription.close()
+            self.subscription = None
 
     async def _watch(self):
         """Keep presence and re-check permissions until the socket closes."""
@@ -98,20 +101,12 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content, **kwargs):
         pass  # forward-only: steering goes through the page's form, with CSRF and a permission
 
-    # Group messages ------------------------------------------------------------------------
-
-    async def dispatch(self, message):
-        """A batch goes straight to its items' handlers. Channels' own dispatch first closes
-        stale database connections, a hop to the one thread-sensitive thread that every page of
-        the process shares, for every message; the live handlers use no database."""
-        if message["type"] != "live.batch":
-            await super().dispatch(message)
-            return
-        mine = self.group()
-        await self.deliver([item for group, item in message["items"] if group == mine])
+    # What the publisher sends ----------------------------------------------------------------
 
     async def deliver(self, items: list[dict]) -> None:
-        """The items of a batch addressed to this page, each to its handler."""
+        """The items of a batch addressed to this page, each to its handler (from the hub: not
+        through channels' dispatch, whose per-message hop to close stale database connections
+        the live handlers, using no database, do not need)."""
         for item in items:
             kind = item.get("type", "")
             handler = None

@@ -4,9 +4,11 @@ whoever watches, and what a page opens with. Callers use this package's names, n
 - presence: who watches (presence keys), channel-layer groups, the cache key scheme;
 - samples: the rows a sample is read from, in two statements, and the sample built from them;
 - publishing: the conductor's per-tick step and the per-process publisher loop;
-- snapshots: the per-minute history, limit annotations and last samples a page opens with.
+- snapshots: the per-minute history, limit annotations and last samples a page opens with;
+- hub: the web process's end of the live group, handing each page the items addressed to it.
 """
 
+from .hub import Subscription, subscribe
 from .presence import (
     LIVE_GROUP,
     OVERVIEW_GROUP,
@@ -55,6 +57,7 @@ __all__ = [
     "PUBLISH_EVERY_MS",
     "SECONDS_KEPT",
     "STATE_TTL_S",
+    "Subscription",
     "Tick",
     "build",
     "close_publisher",
@@ -74,6 +77,7 @@ __all__ = [
     "read_rows_many",
     "register_consumer_loop",
     "snapshot",
+    "subscribe",
     "unmark_watched",
     "watched",
     "window_ms",

@@ -13,11 +13,12 @@ thread), so channels_redis keeps one connection pool per process instead of one 
 loop until `close_pools()` is called.
 
 The loop gathers what is published within FLUSH_EVERY_MS and sends it as one batch to LIVE_GROUP,
-each item addressed to a page's group; each consumer keeps the items addressed to it. When each
-sample went to its page's group as a message of its own, each was one message in the web
-process's inbox: at a hundred watched customers about 280 a second, each received with four
-Redis round trips, and channels_redis keeps at most 100 messages a channel, so most were dropped
-(docs/benchmarks.md). A batch is one message per web process, whatever it holds.
+each item addressed to a page's group; in the web process, the hub (sending/live/hub.py) reads
+each batch once and hands every page the items addressed to it. When each sample went to its
+page's group as a message of its own, each was one message in the web process's inbox: at a
+hundred watched customers about 280 a second, each received with four Redis round trips, and
+channels_redis keeps at most 100 messages a channel, so most were dropped (docs/benchmarks.md).
+A batch is one message per web process, whatever it holds.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_MS = 250  # at most 4 messages a second a customer
 OVERVIEW_EVERY_MS = 1000  # the overview gets each customer's line at most once a second
-# The publisher sends what it was given at most this often, as one batch. Each batch costs the
-# web process four Redis round trips and a wake-up of every live consumer: every 100 ms, its
-# inbox fell behind at a hundred watched customers (docs/benchmarks.md).
-FLUSH_EVERY_MS = 250
+# The publisher sends what it was given at most this often, as one batch: each of the Celery
+# processes that tick customers does, so the web process reads up to a hundred and sixty batches
+# a second at sixteen processes. Its hub wakes only the pages a batch holds items for; when every
+# page was woken by every batch, 100 ms was too often and 250 ms added its wait to every sample
+# (docs/benchmarks.md).
+FLUSH_EVERY_MS = 100
 STATE_TTL_S = SECONDS_KEPT + 60
 
 
