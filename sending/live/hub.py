@@ -113,10 +113,14 @@ class _Hub:
         loop = asyncio.get_running_loop()
         if _hubs.get(loop) is self:
             del _hubs[loop]  # a page subscribing from now on starts a new hub
-        if self.channel is not None:
+        if self.joined.is_set():
             await self.layer.send(self.channel, {"type": STOP})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.task), 5)
+        else:  # still joining (the layer is failing): no receive in flight to spoil
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
     async def _run(self) -> None:
         while True:
@@ -129,6 +133,10 @@ class _Hub:
                 await asyncio.sleep(RETRY_S)
 
     async def _join(self) -> None:
+        if self.channel is not None:  # joining again: the old channel would gather batches
+            self.joined.clear()
+            with contextlib.suppress(Exception):
+                await self.layer.group_discard(LIVE_GROUP, self.channel)
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(LIVE_GROUP, self.channel)
         self.joined.set()
