@@ -77,11 +77,12 @@ class SimWorker:
 
 @dataclass
 class Level:
-    """What one load level measured: (scheduled s, latency ms, report n, batch n, decision)."""
+    """What one load level measured: (scheduled s, latency ms, report n, batch n, decision,
+    held ms: the server's hold from the request's arrival to its decision, as a grant says)."""
 
     rate_per_s: float
     scheduled: int
-    samples: list[tuple[float, float, int, int, str]] = field(default_factory=list)
+    samples: list[tuple[float, float, int, int, str, int | None]] = field(default_factory=list)
     late_starts: int = 0
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -148,9 +149,10 @@ def _run_worker(worker: SimWorker, port: int, start: float, times: list[float], 
             reported = len(worker.report["results"]) if worker.report else 0
             decision = answer["decision"]
             granted = len(answer["batch"]["recipients"]) if decision == "send" else 0
+            held = answer["batch"].get("held_ms") if decision == "send" else None
             with level.lock:
                 level.samples.append(
-                    (times[i], (answered - scheduled) * 1000, reported, granted, decision)
+                    (times[i], (answered - scheduled) * 1000, reported, granted, decision, held)
                 )
             worker.token, worker.seq, worker.report = answer["token"], worker.seq + 1, None
             if decision == "send":
@@ -211,6 +213,9 @@ def summary(level: Level) -> dict:
         "p99": _percentile(latencies, 99),
         "full_p50": _percentile(full, 50),
         "full_p99": _percentile(full, 99),
+        # The server's hold before deciding (waits for a thread, the event loop, locks).
+        "held_p50": _percentile([s[5] for s in measured if s[5] is not None], 50),
+        "held_p99": _percentile([s[5] for s in measured if s[5] is not None], 99),
         "late_starts": level.late_starts,
         "decisions": decisions,
         "errors": level.errors,

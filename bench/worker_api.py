@@ -670,8 +670,9 @@ def _print_open_loop(capacity: float, opened: dict[str, dict]) -> None:
             f"    {percent} % ({level['rate_per_s']:.1f}/s): p50 {_ms(level['p50'])}, "
             f"p99 {_ms(level['p99'])} over {level['checkins']} check-ins "
             f"({level['full']} of 500 in / 500 out: p50 {_ms(level['full_p50'])}, "
-            f"p99 {_ms(level['full_p99'])}); sent late {level['late_starts']}; "
-            f"decisions {level['decisions']}"
+            f"p99 {_ms(level['full_p99'])}); server's hold before deciding p50 "
+            f"{_ms(level['held_p50'])}, p99 {_ms(level['held_p99'])}; sent late "
+            f"{level['late_starts']}; decisions {level['decisions']}"
         )
 
 

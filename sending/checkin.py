@@ -115,12 +115,13 @@ def checkin(
                 standing = accounts.standing(worker.customer_id, lock=False)
         for record in late_records:
             ledger.apply_settlement(record.lease, record.settlement)
+        granted: list[queue.Claimed] = []  # a grant's recipients, rows built after the commit
         if request.final:
             answer = wire.stop("final check-in")
         elif worker.is_live:
             # Taken as late as it can be: the account's other customers queue behind it.
             accounts.lock_account(standing)
-            answer = _decide(
+            answer, granted = _decide(
                 worker=worker,
                 limits=limits,
                 standing=standing,
@@ -146,6 +147,9 @@ def checkin(
     if ahead is not None:
         queue.move_cursors(ahead)
     queue.reopen_messages([i for record in late_records for i in record.maybe_queued])
+    if granted:
+        # Out of the transaction and the customer's lock (see wire.batch).
+        answer = wire.with_recipients(answer, ahead.messages[0].customer, granted)
     return {**answer, "token": token}
 
 
@@ -216,8 +220,10 @@ def _decide(
     clock: Clock,
     ahead: queue.Ahead,
     held_ms: int | None,
-) -> dict:
-    """The decision under the customer's lock, on fresh rows, and what follows from it."""
+) -> tuple[dict, list[queue.Claimed]]:
+    """The decision under the customer's lock, on fresh rows, and what follows from it: the
+    answer, and the recipients leased by a grant (none otherwise), whose rows the caller adds
+    after the commit (`wire.with_recipients`)."""
     customer_id = worker.customer_id
     minute_start = ms_to_datetime(pacing.minute_start(clock.now_ms, limits.window_ms))
     pool = ledger.read_pool(
@@ -241,17 +247,17 @@ def _decide(
     )
     if isinstance(decision, pacing.Stop):
         ahead.give_back(0)
-        return wire.stop(decision.reason)
+        return wire.stop(decision.reason), []
     if isinstance(decision, pacing.Wait):
         ahead.give_back(0)
-        return wire.wait(decision.ms)
+        return wire.wait(decision.ms), []
 
     if len(ahead.claimed) < decision.size:
         ahead.claim(decision.size)
     leased = ahead.give_back(decision.size)
     if not leased:
         # Another check-in took the last of the queue between our count and our claim.
-        return wire.wait(1000)
+        return wire.wait(1000), []
     lease = leases.open_lease(
         worker=worker,
         grant=decision,
@@ -261,7 +267,7 @@ def _decide(
         held_ms=held_ms or 0,
     )
     ledger.charge(minute_id=pool.minute_id, size=len(leased), cap=limits.per_minute)
-    return wire.batch(
+    answer = wire.batch(
         lease_id=lease.pk,
         grant=decision,
         limits=limits,
@@ -271,6 +277,7 @@ def _decide(
         recipients=leased,
         held_ms=held_ms,
     )
+    return answer, leased
 
 
 def _decision(

@@ -311,9 +311,13 @@ def batch(
     """A "send" answer: everything the worker needs, so it never reads the database.
     `held_ms`: how long the server held the request before deciding, when it knows (the
     worker anchors the window's end that much after its request; kept in the stored answer,
-    so a replay carries the hold of the request the decision was made for)."""
+    so a replay carries the hold of the request the decision was made for).
+
+    Its recipients' rows are left out (None): `with_recipients` adds them once the check-in's
+    transaction has committed, so that building them (an unsubscribe link, an HMAC, for each)
+    is not part of the time the customer's lock is held, which its other workers queue behind.
+    """
     used = {r.message_id for r in recipients}
-    link = unsubscribe.url_maker()
     return {
         "decision": "send",
         "batch": {
@@ -329,19 +333,26 @@ def batch(
             "send_timeout_ms": limits.spill_hold_ms,
             "provider": provider_payload(customer),
             "messages": {str(m.pk): message_payload(m) for m in messages if m.pk in used},
-            "recipients": [
-                # The merge data is passed on as the JSON text the claim read, unparsed.
-                {
-                    "id": r.id,
-                    "message": r.message_id,
-                    "to": r.email,
-                    "merge": orjson.Fragment(r.merge_json),
-                    "unsubscribe_url": link(customer.pk, r.email),
-                }
-                for r in recipients
-            ],
+            "recipients": None,
         },
     }
+
+
+def with_recipients(answer: dict, customer: "Customer", recipients: "list[Claimed]") -> dict:
+    """A `batch` answer with its recipients' rows, in lease order."""
+    link = unsubscribe.url_maker()
+    rows = [
+        # The merge data is passed on as the JSON text the claim read, unparsed.
+        {
+            "id": r.id,
+            "message": r.message_id,
+            "to": r.email,
+            "merge": orjson.Fragment(r.merge_json),
+            "unsubscribe_url": link(customer.pk, r.email),
+        }
+        for r in recipients
+    ]
+    return {**answer, "batch": {**answer["batch"], "recipients": rows}}
 
 
 def provider_payload(customer: "Customer") -> dict | None:
