@@ -10,7 +10,8 @@ Per run
 -------
 - ``over_cap_minutes``: customer-minutes the sandbox saw more attempts than the cap (whole run);
 - ``utilization_min`` / ``utilization_mean``: accepted ÷ cap over every customer's measured full
-  minutes (each customer has backlog throughout: checked at the end);
+  minutes (each customer has backlog throughout: checked at the end); ``short_customer_minutes``:
+  the (at most ten) emptiest customer-minutes below the cap, with the ledger's row for each;
 - ``ticks_per_s``: customer-ticks a second (a trigger records each ConductorLease heartbeat);
 - ``tick_late_p95_ms``: p95 over customers of (time between two ticks of a customer - the tick
   interval CONDUCTOR_TICK_MS);
@@ -296,6 +297,36 @@ def start_late_sandbox(fleet: Fleet, api_key: str) -> tuple[int, str]:
 # --- one run -----------------------------------------------------------------------------------
 
 
+def _short_minutes(report: dict, customers, keys: list[str], first: float, cap: int) -> list:
+    """The measured customer-minutes the provider accepted fewer than the cap in (at most 10),
+    each with what the engine's ledger says of that minute: where utilization went."""
+    from sending.models import CustomerMinute
+
+    short = []
+    for c in customers:
+        for i, k in enumerate(keys):
+            accepted = report.get("accepted_per_minute", {}).get(c.api_key, {}).get(k, 0)
+            if accepted < cap:
+                short.append((c.customer_id, i, accepted))
+    out = []
+    for customer_id, i, accepted in sorted(short, key=lambda s: s[2])[:10]:
+        row = (
+            CustomerMinute.objects.filter(
+                customer_id=customer_id, minute_start=_utc(first + 60 * i)
+            )
+            .values("granted", "refunded", "carried_in", "sent", "failed", "throttled")
+            .first()
+        )
+        out.append({"customer": customer_id, "minute": i, "accepted": accepted, "ledger": row})
+    return out
+
+
+def _utc(epoch_s: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
 def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: bool = False) -> dict:
     from bench.e2e import _sandbox_report
     from sending.models import Recipient
@@ -344,6 +375,7 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
             for k in keys
         ]
         over = sum(len(report.get("over_cap_minutes", {}).get(c.api_key, {})) for c in normal)
+        short = _short_minutes(report, normal, keys, first, spec.per_minute)
         backlog_left = Recipient.objects.filter(
             message_id__in=[c.message_id for c in normal], status=Recipient.Status.QUEUED
         ).values("message_id").distinct().count()  # fmt: skip
@@ -369,6 +401,7 @@ def run(label: str, spec: FleetSpec, *, minutes: int, redis_url: str, noisy: boo
                 "over_cap_minutes": over,
                 "utilization_min": round(min(ratios), 4) if ratios else None,
                 "utilization_mean": round(sum(ratios) / len(ratios), 4) if ratios else None,
+                "short_customer_minutes": short,
                 "customers_without_backlog_at_end": len(normal) - backlog_left,
                 "ticks_per_s": round(normal_ticks / window_s, 1),
                 "tick_late_p95_ms": _round(_p95(late)),
