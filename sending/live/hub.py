@@ -114,7 +114,11 @@ class _Hub:
         if _hubs.get(loop) is self:
             del _hubs[loop]  # a page subscribing from now on starts a new hub
         if self.joined.is_set():
-            await self.layer.send(self.channel, {"type": STOP})
+            try:
+                await self.layer.send(self.channel, {"type": STOP})
+            except Exception as exc:  # the layer is failing: the receive fails too, and ends
+                log.warning("live pages: could not stop the hub's receive (%s)", exc)
+                return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.task), 5)
         else:  # still joining (the layer is failing): no receive in flight to spoil
@@ -129,6 +133,9 @@ class _Hub:
                 await self._receive()
                 return
             except Exception as exc:  # the channel layer failed: join again, a new channel
+                if not self.pages:  # ... unless every page has left meanwhile
+                    log.warning("live pages: the channel layer failed (%s); hub stopped", exc)
+                    return
                 log.warning("live pages: the channel layer failed (%s); joining again", exc)
                 await asyncio.sleep(RETRY_S)
 

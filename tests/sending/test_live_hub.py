@@ -113,3 +113,27 @@ def test_the_hub_leaves_the_group_with_its_last_page_and_a_new_page_starts_anoth
 def no_hub_left():
     yield
     assert not hub._hubs
+
+
+def test_a_page_is_refused_when_the_channel_layer_is_down_and_no_hub_is_left(settings, monkeypatch):
+    """A Redis that refuses connections (a port nothing listens on): joining fails, the page's
+    subscribe raises after the join timeout, and the hub stops once its last page has gone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{port}/0"]},
+        }
+    }
+    monkeypatch.setattr(hub, "JOIN_TIMEOUT_S", 1)
+    monkeypatch.setattr(hub, "RETRY_S", 0.1)
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await live.subscribe("a", Page().deliver)
+
+    run(scenario)
