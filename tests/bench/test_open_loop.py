@@ -32,11 +32,11 @@ def test_the_summary_counts_from_the_schedule_and_leaves_the_warm_up_out():
     level = open_loop.Level(rate_per_s=10.0, scheduled=5)
     warm = open_loop.WARMUP_S
     level.samples = [
-        (warm - 0.5, 900.0, 500, 500, "send"),  # warm-up: not counted
-        (warm + 0.1, 10.0, 500, 500, "send"),
-        (warm + 0.2, 20.0, 500, 500, "send"),
-        (warm + 0.3, 30.0, 0, 500, "send"),  # a first check-in: no report
-        (warm + 0.4, 400.0, 500, 0, "wait"),
+        (warm - 0.5, 900.0, 500, 500, "send", 800),  # warm-up: not counted
+        (warm + 0.1, 10.0, 500, 500, "send", 4),
+        (warm + 0.2, 20.0, 500, 500, "send", 8),
+        (warm + 0.3, 30.0, 0, 500, "send", 12),  # a first check-in: no report
+        (warm + 0.4, 400.0, 500, 0, "wait", None),  # a wait says no hold
     ]
     summary = open_loop.summary(level)
     assert summary["checkins"] == 4
@@ -45,6 +45,9 @@ def test_the_summary_counts_from_the_schedule_and_leaves_the_warm_up_out():
     assert summary["p99"] == 400.0
     assert summary["full_p99"] == 20.0
     assert summary["decisions"] == {"send": 3, "wait": 1}
+    # The server's hold, from the grants only.
+    assert summary["held_p50"] == 8
+    assert summary["held_p99"] == 12
 
 
 def test_the_messages_hold_what_every_level_consumes_above_the_floor():
