@@ -67,10 +67,14 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         self.session_key = self.scope["session"].session_key
         self.user_id = user.pk
         live.register_consumer_loop(asyncio.get_running_loop())
-        self.subscription = await live.subscribe(self.group(), self.deliver)
+        # Subscribed before the snapshot is read, so nothing published after it is missed; what
+        # comes meanwhile waits in the subscription's queue until the snapshot has gone out.
+        self.opened = asyncio.Event()
+        self.subscription = await live.subscribe(self.group(), self._deliver_when_open)
         await self.accept()
         await database_sync_to_async(live.mark_watched)(self.customer_id)
         await self.send_json({"type": "snapshot", "snapshot": await self.snapshot()})
+        self.opened.set()
         self.watcher = asyncio.create_task(self._watch())
 
     async def disconnect(self, code):
@@ -102,6 +106,10 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         pass  # forward-only: steering goes through the page's form, with CSRF and a permission
 
     # What the publisher sends ----------------------------------------------------------------
+
+    async def _deliver_when_open(self, items: list[dict]) -> None:
+        await self.opened.wait()
+        await self.deliver(items)
 
     async def deliver(self, items: list[dict]) -> None:
         """The items of a batch addressed to this page, each to its handler (from the hub: not
