@@ -346,15 +346,16 @@ def delivery_ms(watchers: Watchers, since: float, until: float) -> list[float]:
 
 
 class LayerListener:
-    """A listener on the live group in a thread of its own, beside the pages: for each sample
-    item of a batch, from its tick (the sample's `t`) to the batch reaching this process. What
-    `delivery_ms` adds on top of it is the web process's part."""
+    """A listener on the live group in a thread of its own, keeping no presence: where each item
+    of a batch was addressed, and for each sample, from its tick (the sample's `t`) to the batch
+    reaching this process. What `delivery_ms` adds on top of it is the web process's part."""
 
     def __init__(self) -> None:
         from channels.layers import channel_layers
 
         self.layer = channel_layers.make_backend("default")
         self.arrivals: list[tuple[float, float]] = []  # (arrival, arrival - tick) in s, ms
+        self.addresses: list[str] = []  # every item's address, in arrival order
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._channel: str | None = None
@@ -375,7 +376,8 @@ class LayerListener:
         ready.set()
         while (message := await self.layer.receive(self._channel))["type"] != "bench.stop":
             now = time.time()
-            for _, item in message.get("items", ()):
+            for address, item in message.get("items", ()):
+                self.addresses.append(address)
                 if item.get("type") == "live.sample":
                     self.arrivals.append((now, now * 1000 - item["sample"]["t"]))
         await self.layer.group_discard(live.LIVE_GROUP, self._channel)
@@ -518,33 +520,14 @@ class ProbeTicker(threading.Thread):
 def count_unwatched(customer_ids: list[int], seconds: float) -> int:
     """Listen to the live group for `seconds` without keeping any presence, counting the items
     addressed to these customers' pages."""
-    from channels.layers import channel_layers
-
     from sending import live
 
-    layer = channel_layers.make_backend("default")
+    listener = LayerListener()
+    listener.start()
+    time.sleep(seconds)
+    listener.stop()
     addresses = {live.customer_group(customer_id) for customer_id in customer_ids}
-
-    async def listen() -> int:
-        channel = await layer.new_channel()
-        await layer.group_add(live.LIVE_GROUP, channel)
-
-        async def stop_later():
-            await asyncio.sleep(seconds)
-            # Ends the receive loop with a message of our own (cancelling a receive in flight
-            # leaves channels_redis's connection in a bad state).
-            await layer.send(channel, {"type": "bench.stop"})
-
-        stopper = asyncio.create_task(stop_later())
-        count = 0
-        while (message := await layer.receive(channel))["type"] != "bench.stop":
-            count += sum(1 for to, _ in message.get("items", ()) if to in addresses)
-        await stopper
-        await layer.group_discard(live.LIVE_GROUP, channel)
-        await layer.close_pools()
-        return count
-
-    return asyncio.run(listen())
+    return sum(1 for address in listener.addresses if address in addresses)
 
 
 # --- one fleet --------------------------------------------------------------------------------

@@ -159,10 +159,7 @@ def _isolated(customer_id: int | list[int]):
     except DatabaseError:
         raise  # the connection's state is the caller's to handle
     except Exception:
-        if isinstance(customer_id, list):
-            log.exception("customers %s: tick step failed", customer_id)
-        else:
-            log.exception("customer %s: tick step failed", customer_id)
+        log.exception("tick step failed for customer(s) %s", customer_id)
 
 
 @dataclass(frozen=True)

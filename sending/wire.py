@@ -340,19 +340,24 @@ def batch(
 
 def with_recipients(answer: dict, customer: "Customer", recipients: "list[Claimed]") -> dict:
     """A `batch` answer with its recipients' rows, in lease order."""
+    # The merge data is passed on as the JSON text the claim read, unparsed.
+    rows = _rows(customer, recipients, merge=lambda r: orjson.Fragment(r.merge_json))
+    return {**answer, "batch": {**answer["batch"], "recipients": rows}}
+
+
+def _rows(customer: "Customer", recipients, *, merge) -> list[dict]:
+    """A batch's recipients as the worker reads them, each with its unsubscribe link."""
     link = unsubscribe.url_maker()
-    rows = [
-        # The merge data is passed on as the JSON text the claim read, unparsed.
+    return [
         {
             "id": r.id,
             "message": r.message_id,
             "to": r.email,
-            "merge": orjson.Fragment(r.merge_json),
+            "merge": merge(r),
             "unsubscribe_url": link(customer.pk, r.email),
         }
         for r in recipients
     ]
-    return {**answer, "batch": {**answer["batch"], "recipients": rows}}
 
 
 def provider_payload(customer: "Customer") -> dict | None:
@@ -401,16 +406,6 @@ def replay(stored: dict, recipients: "list[Recipient]", customer: "Customer") ->
     in lease order, and the customer's provider block as it is now."""
     if stored.get("batch") is None:
         return stored
-    link = unsubscribe.url_maker()
-    rows = [
-        {
-            "id": r.id,
-            "message": r.message_id,
-            "to": r.email,
-            "merge": r.merge_data,
-            "unsubscribe_url": link(customer.pk, r.email),
-        }
-        for r in recipients
-    ]
+    rows = _rows(customer, recipients, merge=lambda r: r.merge_data)
     batch = {**stored["batch"], "recipients": rows, "provider": provider_payload(customer)}
     return {**stored, "batch": batch}

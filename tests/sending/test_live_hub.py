@@ -11,6 +11,7 @@ from channels.layers import get_channel_layer
 
 from sending import live
 from sending.live import hub
+from tests.net import free_port
 
 
 def run(scenario):
@@ -112,11 +113,7 @@ def test_the_hub_leaves_the_group_with_its_last_page_and_a_new_page_starts_anoth
 def test_a_page_is_refused_when_the_channel_layer_is_down_and_no_hub_is_left(settings, monkeypatch):
     """A Redis that refuses connections (a port nothing listens on): joining fails, the page's
     subscribe raises after the join timeout, and the hub stops once its last page has gone."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
