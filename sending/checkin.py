@@ -91,7 +91,9 @@ def checkin(
         ]
         ahead = None
         if worker.is_live and not request.final:
-            ahead = _claim_ahead(worker=worker, clock=fixed_clock or Clock.read())
+            ahead = _claim_ahead(
+                worker=worker, clock=fixed_clock or Clock.read(), answer_ms=request.answer_ms
+            )
 
         limits = ledger.lock_limits(worker.customer_id)
         standing = accounts.standing(worker.customer_id, lock=False)
@@ -128,6 +130,7 @@ def checkin(
                 clock=clock,
                 ahead=ahead,
                 held_ms=held_ms,
+                answer_ms=request.answer_ms,
             )
         else:
             answer = wire.stop(f"worker is {worker.state}")
@@ -179,7 +182,7 @@ def _note_report(worker: Worker, lease, report: wire.Report) -> None:
         worker.throttled_minute = lease.minute_start
 
 
-def _claim_ahead(*, worker: Worker, clock: Clock) -> queue.Ahead:
+def _claim_ahead(*, worker: Worker, clock: Clock, answer_ms: int = 0) -> queue.Ahead:
     """Claim the batch a check-in will most likely be granted, before taking the customer's lock.
 
     Claiming is a check-in's heaviest statement, and it does not need the customer's lock:
@@ -206,6 +209,7 @@ def _claim_ahead(*, worker: Worker, clock: Clock) -> queue.Ahead:
         clock=clock,
         pool=pool,
         backlog=_UNCOUNTED_BACKLOG,
+        answer_ms=answer_ms,
     )
     if isinstance(decision, pacing.Grant):
         ahead.claim(decision.size)
@@ -220,6 +224,7 @@ def _decide(
     clock: Clock,
     ahead: queue.Ahead,
     held_ms: int | None,
+    answer_ms: int = 0,
 ) -> tuple[dict, list[queue.Claimed]]:
     """The decision under the customer's lock, on fresh rows, and what follows from it: the
     answer, and the recipients leased by a grant (none otherwise), whose rows the caller adds
@@ -244,6 +249,7 @@ def _decide(
         pool=pool,
         backlog=backlog + len(ahead.claimed),
         held_ms=held_ms or 0,
+        answer_ms=answer_ms,
     )
     if isinstance(decision, pacing.Stop):
         ahead.give_back(0)
@@ -289,6 +295,7 @@ def _decision(
     pool: ledger.Pool,
     backlog: int,
     held_ms: int = 0,
+    answer_ms: int = 0,
 ) -> pacing.Decision:
     minute_ms = pool.ledger.minute_start_ms
     limits = replace(limits, learned_guard_ms=standing.guard_ms(clock.now_ms, limits))
@@ -318,4 +325,5 @@ def _decision(
         account_room=room,
         hold_until_ms=hold,
         held_ms=held_ms,
+        answer_ms=answer_ms,
     )

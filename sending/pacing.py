@@ -172,6 +172,7 @@ def decide(
     account_room: int | None = None,
     hold_until_ms: int | None = None,
     held_ms: int = 0,
+    answer_ms: int = 0,
 ) -> Decision:
     """Decide what a worker checking in at ``now_ms`` gets.
 
@@ -193,6 +194,12 @@ def decide(
     request will hold that one about as long. Without it, a busy server's grants close before
     their workers can start: nothing is sent, so no rate is measured and the next windows are
     as short, while the check-ins that gave their batches back keep the server busy.
+    ``answer_ms``: how long the worker measures its provider takes to answer a send. A grant's
+    start window ends that much before the minute's window (at most ``spill_hold_ms`` before):
+    a send answered after the window's end is charged to the next minute as well (`settle`), so
+    starting it costs the next minute one send; not starting it costs nothing, it goes out when
+    the next window opens. It only moves the window's end earlier, so the safety argument is
+    unchanged.
     """
     if limits.paused:
         return Stop(PAUSED)
@@ -237,13 +244,15 @@ def decide(
         return until_next_minute
 
     starts_at = max(now_ms, opens_at)
+    # The last start whose answer comes back inside the window, by the worker's measure.
+    last_start = closes_at - min(max(answer_ms, 0), limits.spill_hold_ms)
     rate = _rate_or_default(worker.rate_per_s, limits)
-    fits = math.floor(rate * (closes_at - starts_at) / 1000 * FIT_FACTOR)
+    fits = math.floor(rate * (last_start - starts_at) / 1000 * FIT_FACTOR)
     size = min(limits.batch_size, budget, backlog, fits)
     if size < 1:
         return until_next_minute
     needs_ms = math.ceil(size / rate * 1000 * STOP_FACTOR) + STOP_SLACK_MS
-    stops_at = min(closes_at, starts_at + needs_ms + max(held_ms, 0))
+    stops_at = min(last_start, starts_at + needs_ms + max(held_ms, 0))
     return Grant(
         size=size,
         start_in_ms=starts_at - now_ms,

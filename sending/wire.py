@@ -77,6 +77,9 @@ class CheckinRequest:
     request_id: str
     report: Report | None
     final: bool = False  # the worker is exiting: record the report, offer nothing more
+    # How long the worker measures its provider takes to answer a send (ms); 0 when it does not
+    # say. A grant's start window ends that much earlier (pacing.decide).
+    answer_ms: int = 0
     # The rest of leases already settled (a send that was still out, answered since): recorded
     # over the `unknown` their recipients were left in (leases.record_late).
     late: tuple[Report, ...] = ()
@@ -241,7 +244,8 @@ def parse_checkin(body: Any) -> CheckinRequest:
     if not isinstance(final, bool):
         problems.append("final: true or false")
     late = _late(obj.get("late", []), problems)
-    unknown = set(obj) - {"worker_id", "seq", "request_id", "report", "final", "late"}
+    answer_ms = _int(obj, "answer_ms", problems, where="") if "answer_ms" in obj else 0
+    unknown = set(obj) - {"worker_id", "seq", "request_id", "report", "final", "late", "answer_ms"}
     if unknown:
         problems.append(f"unknown fields: {', '.join(sorted(unknown))}")
     if problems:
@@ -253,6 +257,7 @@ def parse_checkin(body: Any) -> CheckinRequest:
         report=report,
         final=final,
         late=late,
+        answer_ms=answer_ms,
     )
 
 
@@ -326,6 +331,8 @@ def batch(
             "stop_starting_in_ms": grant.stop_starting_in_ms,
             **({} if held_ms is None else {"held_ms": held_ms}),
             "minute_ends_in_ms": grant.minute_ends_in_ms,
+            # A send answered after this is charged to the next minute as well (docs/pacing.md).
+            "answer_by_in_ms": grant.minute_ends_in_ms - limits.guard_ms,
             "concurrency": limits.concurrency,
             # The most recipients one progress report may declare.
             "chunk_limit": chunk_limit,

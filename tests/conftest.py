@@ -67,6 +67,7 @@ def fast_minutes(settings):
     settings.SEND_TIMEOUT_MS = 1_000
     settings.WORKER_DEADLINE_MARGIN_MS = 1_000
     settings.WORKER_SEND_MARGIN_MS = 300
+    settings.WORKER_ANSWER_GUESS_MS = 100
     settings.WORKER_API_TIMEOUT_S = 5
     settings.WORKER_API_BACKOFF_MS = 50
 

@@ -200,11 +200,16 @@ def start_worker(customer, api_url):
 # --- check-ins through the real service ---------------------------------------------------------
 
 
-def call(worker, token, seq, report=None, *, at=T0, request_id="inv-1", late=None, final=False):
+def call(
+    worker, token, seq, report=None, *, at=T0, request_id="inv-1", late=None, final=False,
+    answer_ms=None,
+):  # fmt: skip
     """A check-in at a fixed time, through the service; the answer as the worker receives it."""
     body = {"worker_id": worker.pk, "seq": seq, "request_id": request_id, "report": report}
     if final:
         body["final"] = True
+    if answer_ms is not None:
+        body["answer_ms"] = answer_ms
     if late is not None:
         body["late"] = late
     answer = checkin.checkin(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -22,6 +23,33 @@ SLOT_POLL_S = 0.05  # how often a sender waiting for a free slot re-checks the w
 # then goes in the report as left out (`unknown`), and its outcome in a later check-in's `late`.
 STRAGGLER_S = 1.0
 REPORT_SLACK_S = 0.75
+# A send answered after its minute's last safe moment is charged to the next minute as well
+# (docs/pacing.md), so none starts that it expects to be answered later: by the 90th
+# percentile of the last 64 answer times, with a quarter on top.
+ANSWER_SAMPLES = 64
+ANSWER_QUANTILE = 0.9
+ANSWER_MARGIN = 1.25
+
+
+class AnswerTimes:
+    """How long the provider takes to answer a send, as this worker measured it (all its
+    batches: the sending threads add to it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recent: deque[float] = deque(maxlen=ANSWER_SAMPLES)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._recent.append(max(0.0, seconds))
+
+    def estimate_s(self) -> float | None:
+        """The answer time to plan by (None before the first answer)."""
+        with self._lock:
+            recent = sorted(self._recent)
+        if not recent:
+            return None
+        return recent[min(len(recent) - 1, int(len(recent) * ANSWER_QUANTILE))] * ANSWER_MARGIN
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,9 @@ class Window:
     early_origin: float
     start_at: float
     stop_at: float
+    # A send answered after this is charged to the next minute as well (None: the server did
+    # not say, so no such check).
+    answer_by: float | None = None
 
     @classmethod
     def of(cls, batch: dict, *, received: float, first_sent: float) -> Window:
@@ -49,12 +80,14 @@ class Window:
         longer than its window would arrive already closed."""
         held_s = max(0, batch.get("held_ms") or 0) / 1000
         early_origin = min(received, first_sent + held_s)
+        answer_by_in_ms = batch.get("answer_by_in_ms")
         return cls(
             origin=received,
             first_sent=first_sent,
             early_origin=early_origin,
             start_at=received + batch["start_in_ms"] / 1000,
             stop_at=early_origin + batch["stop_starting_in_ms"] / 1000,
+            answer_by=None if answer_by_in_ms is None else early_origin + answer_by_in_ms / 1000,
         )
 
     def ms(self, at: float) -> int:
@@ -81,16 +114,25 @@ class BatchRun:
     done: int = 0
     halt: str = ""
     reported: bool = False  # the report went without the sends still out: start nothing more
+    out: dict[int, float] = field(default_factory=dict)  # sends under way: id -> start
 
-    def started(self, at: float) -> None:
+    def started(self, rid: int, at: float) -> None:
         with self.lock:
             if self.first_start is None:
                 self.first_start = at
+            self.out[rid] = at
 
-    def finished(self, at: float) -> None:
+    def finished(self, rid: int, at: float) -> float:
+        """Note a send answered at `at`; returns how long it took."""
         with self.lock:
             self.done += 1
             self.last_done = at if self.last_done is None else max(self.last_done, at)
+            return at - self.out.pop(rid, at)
+
+    def oldest_out_s(self, now: float) -> float:
+        """How long the longest-running send still out has been waiting for its answer."""
+        with self.lock:
+            return now - min(self.out.values(), default=now)
 
     def rate_per_s(self, now: float) -> float | None:
         with self.lock:
@@ -219,10 +261,26 @@ class BatchSender:
         if now > run.window.stop_at:
             run.halt = run.halt or "window closed"
             return False
+        answer_by = run.window.answer_by
+        if answer_by is not None and now + self.answer_s(run, now) > answer_by:
+            run.halt = run.halt or "answers would come after the minute's last safe moment"
+            return False
         if self.remaining_ms() < setting("WORKER_SEND_MARGIN_MS"):
             run.halt = run.halt or "deadline"
             return False
         return now >= run.window.start_at
+
+    def answer_s(self, run: BatchRun | None = None, now: float | None = None) -> float:
+        """How long a send started now is expected to take: as measured, else the guess, or
+        longer when a send of this batch has been out longer than that (never more than the
+        send timeout, after which a send is given up)."""
+        estimate = self.answer_times.estimate_s()
+        if estimate is None:
+            estimate = setting("WORKER_ANSWER_GUESS_MS") / 1000
+            if run is not None and now is not None:
+                estimate = max(estimate, run.oldest_out_s(now))
+        timeout = run.send_timeout_s if run is not None else None
+        return estimate if timeout is None else min(estimate, timeout)
 
     def _chunk_size(self, run: BatchRun) -> int:
         """About a second of sending at the measured rate (never more than the window has
@@ -387,7 +445,7 @@ class BatchSender:
         if not self.may_start(run):
             return {"id": rid, "status": "not_started"}
         started = self.clock()
-        run.started(started)
+        run.started(rid, started)
         try:
             provider_id = provider.send(
                 recipient_id=rid,
@@ -403,7 +461,7 @@ class BatchSender:
         except Throttled as exc:
             run.throttled.set()
             done = self.clock()
-            run.finished(done)
+            self.answer_times.add(run.finished(rid, done))
             # When it was refused, and the provider's Retry-After: pacing judges the refusal by
             # them (sending/throttle.py).
             result = {"id": rid, "status": "throttled", "error": exc.message,
@@ -413,7 +471,7 @@ class BatchSender:
             return result
         except SendError as exc:
             done = self.clock()
-            run.finished(done)
+            self.answer_times.add(run.finished(rid, done))
             if exc.maybe_sent:
                 # In doubt (a read timeout, a connection lost after the message went out): the
                 # provider may have it. Unknown, never failed: a failure would be sent again. Its
@@ -428,10 +486,10 @@ class BatchSender:
             # The provider may or may not have the message: leave it out of the report, so the
             # server marks it unknown instead of sending it again.
             log.exception("worker %s: recipient %s: unexpected send error", self.worker_id, rid)
-            run.finished(self.clock())
+            run.finished(rid, self.clock())
             return None
         done = self.clock()
-        run.finished(done)
+        self.answer_times.add(run.finished(rid, done))
         return {"id": rid, "status": "sent", "provider_id": str(provider_id)[:255] or "(none)",
                 "done_ms": run.window.ms(done)}  # fmt: skip
 

@@ -13,6 +13,9 @@ DEFAULTS: dict[str, float | int] = {
     "WORKER_DEADLINE_MARGIN_MS": 10_000,
     # Never start a send with less than this left (the send and the final check-in need it).
     "WORKER_SEND_MARGIN_MS": 3_000,
+    # How long a send is taken to need before this worker has seen its provider answer one: no
+    # send starts this close to its minute's last safe moment (sending/worker/batch.py).
+    "WORKER_ANSWER_GUESS_MS": 1_000,
     # Each API call's timeout, and how often a network error or a 5xx is retried (same seq).
     "WORKER_API_TIMEOUT_S": 10,
     "WORKER_API_RETRIES": 4,

@@ -4,13 +4,14 @@ repeat until told to stop or until its own time runs short."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .batch import BatchSender, Window
+from .batch import AnswerTimes, BatchSender, Window
 from .client import Api, ApiError
 from .environment import setting
 
@@ -96,6 +97,7 @@ class WorkerLoop(BatchSender):
         # Sends still out when their batch was reported, by lease (see BatchSender._collect).
         self.stragglers: dict[int, list[Future]] = {}
         self.rate_per_s: float | None = None
+        self.answer_times = AnswerTimes()
         self.last_batch_ms = 0
         self.summary = Summary(worker_id=worker_id, request_id=self.request_id)
         self._provider = None
@@ -126,6 +128,8 @@ class WorkerLoop(BatchSender):
             "request_id": self.request_id,
             "report": self.report,
             "final": final,
+            # The server ends a grant's window that much before the minute's last safe moment.
+            "answer_ms": math.ceil(self.answer_s() * 1000),
         }
         late = self.late_reports(limit=MAX_LATE)
         if late:

@@ -38,6 +38,7 @@ def test_first_checkin_grants_a_batch_inside_the_guarded_minute(customer):
     assert len(batch["recipients"]) == 50
     assert batch["minute_ends_in_ms"] == WINDOW_MS - 1_500
     assert 0 == batch["start_in_ms"] < batch["stop_starting_in_ms"] <= WINDOW_MS - 1_500 - 250
+    assert batch["answer_by_in_ms"] == WINDOW_MS - 1_500 - 250
     assert batch["messages"][str(message.pk)]["subject"] == "Hello {{ first_name }}"
     assert batch["messages"][str(message.pk)]["from_email"] == "news@state-u.edu"
     assert batch["recipients"][0]["merge"] == {"first_name": 0}
@@ -47,6 +48,19 @@ def test_first_checkin_grants_a_batch_inside_the_guarded_minute(customer):
     assert tokens.verify(answer["token"]).worker_id == worker.pk
     worker.refresh_from_db()
     assert (worker.state, worker.last_seq, worker.request_id) == ("running", 1, "inv-1")
+
+
+def test_a_worker_whose_provider_answers_slowly_gets_a_window_that_ends_earlier(customer):
+    make_message(customer, 120)
+    last_safe = T0 - 1_500 + WINDOW_MS - 250  # the minute's end less its guard
+    worker, token = checkin.worker_start(customer_id=customer.pk)
+    first = call(worker, token, 1, at=last_safe - 3_000, answer_ms=2_500)
+    assert first["decision"] == "send"
+    assert first["batch"]["stop_starting_in_ms"] <= 500
+    # With less left than its answers take, it is told to come back when the next minute opens.
+    report = report_all_sent(first)
+    answer = call(worker, first["token"], 2, report, at=last_safe - 2_000, answer_ms=2_500)
+    assert (answer["decision"], answer["wait_ms"]) == ("wait", 2_250)
 
 
 def test_a_report_is_recorded_and_the_next_batch_granted(customer):
@@ -382,6 +396,9 @@ def test_http_malformed_requests_are_400_and_say_what_is_wrong(post, api, asgi_s
     assert "worker_id: required, an integer" in problems
     assert "seq: must be ≥ 1" in problems
     assert "unknown fields: extra" in problems
+    response = post("checkin", {"worker_id": worker.pk, "seq": 1, "answer_ms": -1}, token)
+    assert response.status_code == 400
+    assert response.json()["problems"] == ["answer_ms: must be ≥ 0"]
     report = {"lease_id": 1, "elapsed_ms": 5, "results": [{"id": 3, "status": "bounced"}]}
     response = post("checkin", {"worker_id": worker.pk, "seq": 1, "report": report}, token)
     assert (

@@ -344,6 +344,7 @@ def celery_workers(api_url, fault_minutes, postgres, redis_url, settings, tmp_pa
         "WORKER_API_URL": api_url,
         "WORKER_DEADLINE_MARGIN_MS": str(settings.WORKER_DEADLINE_MARGIN_MS),
         "WORKER_SEND_MARGIN_MS": str(settings.WORKER_SEND_MARGIN_MS),
+        "WORKER_ANSWER_GUESS_MS": str(settings.WORKER_ANSWER_GUESS_MS),
         "WORKER_API_TIMEOUT_S": str(settings.WORKER_API_TIMEOUT_S),
         "WORKER_API_BACKOFF_MS": str(settings.WORKER_API_BACKOFF_MS),
         "LOG_LEVEL": "WARNING",

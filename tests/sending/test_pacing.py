@@ -51,6 +51,7 @@ def check_in(
     account_room: int | None = None,
     hold_until_ms: int | None = None,
     held_ms: int = 0,
+    answer_ms: int = 0,
 ) -> pacing.Decision:
     start = pacing.minute_start(now_ms, limits.window_ms)
     return decide(
@@ -65,6 +66,7 @@ def check_in(
         account_room=account_room,
         hold_until_ms=hold_until_ms,
         held_ms=held_ms,
+        answer_ms=answer_ms,
     )
 
 
@@ -108,6 +110,22 @@ def test_a_held_check_in_gets_a_longer_window_and_a_later_overdue_but_never_past
     # Near the minute's end the window still closes at the guarded end, however long the hold.
     late = check_in(MINUTE + 500, held_ms=60_000)
     assert isinstance(late, Grant) and late.stop_starting_in_ms == 1_250
+
+
+def test_a_windows_end_leaves_room_for_the_answer_the_worker_measures():
+    # Closes at MINUTE + 1_750. A worker whose provider answers in 300 ms starts nothing after
+    # 1_450, so what it starts is answered by the minute's last safe moment.
+    worker = WorkerView(rate_per_s=20.0)
+    quick = check_in(MINUTE + 1_000, worker=worker)
+    slow = check_in(MINUTE + 1_000, worker=worker, answer_ms=300)
+    assert isinstance(quick, Grant) and isinstance(slow, Grant)
+    assert quick.stop_starting_in_ms == 750 and slow.stop_starting_in_ms == 450
+    assert (quick.size, slow.size) == (13, 8)  # what fits each window at 20 a second, 0.9 of it
+    # Nothing can be answered in time any more: back when the next minute opens, not granted.
+    assert check_in(MINUTE + 1_500, answer_ms=300) == Wait(500)
+    # An answer time past the send timeout (500 ms) counts as the timeout: a send is given up then.
+    assert check_in(MINUTE + 1_000, answer_ms=60_000) == check_in(MINUTE + 1_000, answer_ms=500)
+    assert check_in(MINUTE + 1_000, worker=worker, answer_ms=-5) == quick
 
 
 def test_trailing_guard_band_waits_until_the_next_minute():
@@ -509,6 +527,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
         hold: int | None,
         room: int | None,
         held: int = 0,
+        answer: int = 0,
     ) -> bool:
         minute = pacing.minute_start(now, window)
         spill = pacing.open_spill(
@@ -525,6 +544,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             hold_until_ms=None if hold is None else minute + hold,
             account_room=room,
             held_ms=held,
+            answer_ms=answer,
         )
         if isinstance(decision, Wait):
             assert decision.ms > 0
@@ -539,7 +559,9 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             assert now + decision.start_in_ms >= minute + hold
         if room is not None:
             assert decision.size <= room
-        assert now + decision.stop_starting_in_ms <= minute + window - limits.guard_ms
+        assert now + decision.stop_starting_in_ms <= minute + window - limits.guard_ms - min(
+            answer, limits.spill_hold_ms
+        )
         ledgers[minute] = pacing.charge(ledger(minute), decision)
         charged = ledgers[minute].charged + spill
         assert charged <= limits.per_minute
@@ -642,7 +664,7 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
             # budget the ledger wrongly frees is granted again.
             for _ in range(1 if op == "check_in" else 10):
                 hold = room = None
-                held = 0
+                held = answer = 0
                 if op == "check_in":
                     backlog = data.draw(st.integers(0, 500))
                     worker = WorkerView(rate_per_s=data.draw(rates))
@@ -650,9 +672,10 @@ def test_no_sequence_of_events_charges_a_minute_over_the_cap(data, limits, start
                     hold = data.draw(st.none() | st.integers(0, window), label="hold")
                     room = data.draw(st.none() | st.integers(-5, 80), label="room")
                     held = data.draw(st.integers(0, 2 * window), label="held")
+                    answer = data.draw(st.integers(0, window), label="answer")
                 else:
                     backlog, worker, running = 500, WorkerView(rate_per_s=1_000.0), 1
-                if not check_in_once(backlog, worker, running, hold, room, held):
+                if not check_in_once(backlog, worker, running, hold, room, held, answer):
                     break
     # Leases never reported: worst case, everything was sent and may have crossed.
     for item in open_leases:

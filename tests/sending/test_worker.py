@@ -5,6 +5,7 @@ The end-to-end tests use 2-second "minutes" (SEND_WINDOW_MS) so that windows, th
 expiry happen within a test; every wait is bounded.
 """
 
+import math
 import threading
 import time
 
@@ -20,6 +21,7 @@ from sending.providers import SendError, Throttled
 from sending.runtimes import LocalRuntime, local_invocation
 from sending.sandbox import Latency, SandboxServer
 from sending.worker import Api, LocalContext, Window, WorkerLoop, handler
+from sending.worker.batch import BatchRun
 from tests.factories import (
     API_KEY,
     assert_sent_once_each,
@@ -111,8 +113,10 @@ def fake_batch(
     concurrency=2,
     chunk_limit=None,
     send_timeout_ms=None,
+    answer_by_in_ms=None,
 ):
-    # chunk_limit=None, send_timeout_ms=None: the field is left out, as an older server does.
+    # chunk_limit=None, send_timeout_ms=None, answer_by_in_ms=None: the field is left out, as an
+    # older server does.
     return {
         "lease_id": 7,
         "start_in_ms": start_in_ms,
@@ -121,6 +125,7 @@ def fake_batch(
         "concurrency": concurrency,
         **({} if chunk_limit is None else {"chunk_limit": chunk_limit}),
         **({} if send_timeout_ms is None else {"send_timeout_ms": send_timeout_ms}),
+        **({} if answer_by_in_ms is None else {"answer_by_in_ms": answer_by_in_ms}),
         "provider": {"kind": "sandbox", "settings": {}, "credentials": {}, "per_minute_cap": 9},
         "messages": {
             "3": {
@@ -266,6 +271,41 @@ def test_an_unknown_is_reported_done_no_earlier_than_its_start_plus_the_send_tim
     worker, _ = fake_worker(RecordingProvider(send_s=0.01, fail=lost))
     _, report = send_now(worker, fake_batch(1))
     assert report["results"][0]["done_ms"] < 1_000
+
+
+def test_no_send_starts_that_would_be_answered_after_the_minutes_last_safe_moment():
+    """Such a send is charged to the next minute as well: it would cost the next minute one."""
+    provider = RecordingProvider(send_s=0.4)
+    worker, _ = fake_worker(provider)
+    batch = fake_batch(40, stop_starting_in_ms=5_000, concurrency=2, answer_by_in_ms=2_000)
+    window, report = send_now(worker, batch)
+    sent = [r for r in report["results"] if r["status"] == "sent"]
+    # The first two start on the guess (1 s: room for it), the rest on what they measured
+    # (0.4 s, and a quarter on top): starts at about 0, 0.4, 0.8 and 1.2 s.
+    assert 6 <= len(sent) <= 8
+    assert all(r["done_ms"] <= 2_000 for r in sent)
+    assert max(provider.starts.values()) <= window.answer_by - 0.4
+    assert [r["status"] for r in report["results"][len(sent) :]] == ["not_started"] * (
+        40 - len(sent)
+    )
+    # The next check-in tells the server, which then ends windows that much earlier.
+    assert 400 <= math.ceil(worker.answer_s() * 1000) <= 600
+
+
+def test_before_its_first_answer_a_worker_plans_by_the_guess_and_by_its_sends_still_out():
+    provider = RecordingProvider(send_s=0.01)
+    worker, _ = fake_worker(provider)
+    # The guess (1 s) leaves no room before the last safe moment, 0.8 s away: nothing starts.
+    _, report = send_now(worker, fake_batch(3, answer_by_in_ms=800))
+    assert provider.starts == {}
+    assert {r["status"] for r in report["results"]} == {"not_started"}
+    assert worker.answer_s() == 1.0
+    # A send out for 1.5 s already says answers take at least that long.
+    run = BatchRun(window=Window.of(fake_batch(1), received=0.0, first_sent=0.0), concurrency=1)
+    run.started(1, 10.0)
+    assert worker.answer_s(run, 11.5) == 1.5
+    assert run.finished(1, 11.6) == pytest.approx(1.6)
+    assert worker.answer_s(run, 11.6) == 1.0
 
 
 def test_no_send_starts_when_the_invocation_is_about_to_time_out():
