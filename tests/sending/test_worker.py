@@ -163,7 +163,9 @@ def send_now(worker, batch):
 def test_sends_start_only_inside_the_window_and_after_their_progress_mark():
     provider = RecordingProvider(send_s=0.05)
     worker, api = fake_worker(provider)
-    batch = fake_batch(60, start_in_ms=200, stop_starting_in_ms=700, concurrency=3)
+    # A window of a second: a pause of a few hundred ms (a busy CI machine, a full garbage
+    # collection late in the suite) still leaves it sending.
+    batch = fake_batch(200, start_in_ms=200, stop_starting_in_ms=1_200, concurrency=3)
     window, report = send_now(worker, batch)
 
     starts = provider.starts
@@ -173,19 +175,19 @@ def test_sends_start_only_inside_the_window_and_after_their_progress_mark():
     for result in report["results"]:
         by_status.setdefault(result["status"], []).append(result["id"])
     assert sorted(by_status["sent"]) == sorted(starts)
-    assert 10 <= len(starts) <= 40  # ~0.5 s, 3 in flight, 50 ms each
-    assert by_status["not_started"] == list(range(len(starts) + 1, 61))  # in batch order
+    assert 10 <= len(starts) <= 80  # ~1 s, 3 in flight, 50 ms each: about 60
+    assert by_status["not_started"] == list(range(len(starts) + 1, 201))  # in batch order
     # Each send started after a progress call that covered it; the first chunk is `concurrency`.
     assert api.progress[0][1] == 3
     for rid, started in starts.items():
         assert any(at <= started and mark >= rid for at, mark in api.progress), rid
     marks = [mark for _, mark in api.progress]
-    assert marks == sorted(marks) and marks[-1] < 60
+    assert marks == sorted(marks) and marks[-1] < 200
     for result in report["results"]:
         if result["status"] == "sent":
             assert result["provider_id"] == f"p-{result['id']}"
-            assert 200 <= result["done_ms"] <= 1_000
-    assert 0 < report["elapsed_ms"] < 1_000
+            assert 200 <= result["done_ms"] <= 1_500
+    assert 0 < report["elapsed_ms"] < 1_500
 
 
 def test_no_progress_call_declares_more_than_the_grants_chunk_limit():
