@@ -151,6 +151,12 @@ else:
     # Short statements only: JIT compiling costs hundreds of milliseconds when a stale row
     # estimate pushes a check-in's plan over jit_above_cost, and never pays back here.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("options", "-c jit=off")
+    # The worker API's hot statements are prepared on their connection (sending/prepared.py):
+    # psycopg prepares none while this is None (Django's default). Django's own cursors bind on
+    # the client, and psycopg never prepares for those. Off for a connection pooler in
+    # transaction mode that does not track prepared statements.
+    if env.bool("DATABASE_PREPARED_STATEMENTS", default=True):
+        DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -17,7 +17,7 @@ from django.db import connection
 
 from customers.models import Customer, ProviderAccount, SendLimit
 
-from . import pacing, throttle, wire
+from . import pacing, prepared, throttle, wire
 from .clock import datetime_to_ms, db_datetime, ms_to_datetime
 from .models import CustomerMinute, CustomerPacing, Lease, Message, Recipient
 
@@ -63,7 +63,7 @@ def standing(customer_id: int, *, lock: bool) -> Standing:
         LEFT JOIN {p} p ON p.customer_id = c.id
         WHERE c.id = %s
     """  # noqa: S608 - table names only
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(sql, [customer_id])
         row = cursor.fetchone()
         account_id, cap, sharers, guard, guard_at, hold, est_minute, estimate = row or (None,) * 8
@@ -87,7 +87,7 @@ def lock_account(standing: Standing) -> None:
     lock): the grants of all its customers are then serialized. Nothing for an account of one."""
     if standing.shared and connection.vendor == "postgresql":
         # NO KEY UPDATE: customers may still be added to (FK-reference) the account meanwhile.
-        with connection.cursor() as cursor:
+        with prepared.cursor() as cursor:
             cursor.execute(
                 f"SELECT id FROM {ProviderAccount._meta.db_table} WHERE id = %s"  # noqa: S608
                 " FOR NO KEY UPDATE",

@@ -14,7 +14,7 @@ from django.db.models import Q
 
 from customers.models import SendLimit
 
-from . import ledger, pacing, queue, wire
+from . import ledger, pacing, prepared, queue, wire
 from .clock import Clock, datetime_to_ms, ms_to_datetime
 from .models import Lease, Worker
 
@@ -76,7 +76,7 @@ def _insert(lease: Lease) -> None:
     quote = connection.ops.quote_name
     columns = ", ".join(quote(f.column) for f in fields)
     params = [f.get_db_prep_save(f.pre_save(lease, True), connection) for f in fields]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {quote(Lease._meta.db_table)} ({columns})"  # noqa: S608
             f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id",
@@ -103,7 +103,7 @@ def mark_settled(lease: Lease, *, state: str, at, awaiting: list[int]) -> None:
     lease.state, lease.settled_at, lease.awaiting = state, at, awaiting
     fields = [Lease._meta.get_field(name) for name in ("state", "settled_at", "awaiting")]
     params = [f.get_db_prep_save(getattr(lease, f.attname), connection) for f in fields]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"UPDATE {Lease._meta.db_table} SET state = %s, settled_at = %s, awaiting = %s "  # noqa: S608
             "WHERE id = %s",
@@ -309,7 +309,7 @@ def record_progress(*, claims, request: wire.ProgressRequest) -> None:
     # Hand-written: every sending worker calls this about once a second (a lease's customer is
     # its worker's, so the token's customer is checked on the lease's own column).
     greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"UPDATE {Lease._meta.db_table}"  # noqa: S608 - table name only
             f" SET started_through = {greatest}(started_through, %s)"

@@ -16,7 +16,7 @@ from django.db.models import F
 
 from customers.models import SendLimit
 
-from . import pacing
+from . import pacing, prepared
 from .clock import datetime_to_ms, db_datetime
 from .models import CustomerMinute, Lease, Worker
 
@@ -54,7 +54,7 @@ def _limits(customer_id: int, *, lock: bool) -> pacing.Limits:
         f"SELECT {', '.join(_LIMIT_COLUMNS)} FROM {SendLimit._meta.db_table}"  # noqa: S608
         f" WHERE customer_id = %s{lock_clause}"
     )
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(sql, [customer_id])
         row = cursor.fetchone()
     if row is None:
@@ -90,17 +90,20 @@ def read_pool(*, customer_id: int, minute_start: datetime, window_ms: int) -> Po
     customer's live workers, and the previous minute's open spill, in one query."""
     previous_minute = minute_start - timedelta(milliseconds=window_ms)
     live = [state.value for state in Worker.LIVE_STATES]
+    # The open state is a literal, so that a prepared statement's generic plan can use the
+    # partial index of open leases (sending/prepared.py).
+    open_state = Lease.State.OPEN.value
     sql = f"""
         SELECT m.id, m.granted, m.refunded, m.carried_in, m.throttled,
                p.open_spill, p.running, p.rate, p.refunds_due
         FROM (
             SELECT (SELECT COALESCE(SUM(l.size), 0) FROM {Lease._meta.db_table} l
-                    WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
+                    WHERE l.customer_id = %s AND l.state = '{open_state}' AND l.minute_start = %s
                       AND l.may_cross = %s) AS open_spill,
                    (SELECT MIN(CASE WHEN l.overdue_at < l.expires_at
                                     THEN l.overdue_at ELSE l.expires_at END)
                     FROM {Lease._meta.db_table} l
-                    WHERE l.customer_id = %s AND l.state = %s AND l.minute_start = %s
+                    WHERE l.customer_id = %s AND l.state = '{open_state}' AND l.minute_start = %s
                    ) AS refunds_due,
                    COUNT(*) AS running, AVG(w.rate_per_s) AS rate
             FROM {Worker._meta.db_table} w
@@ -108,21 +111,19 @@ def read_pool(*, customer_id: int, minute_start: datetime, window_ms: int) -> Po
         ) p
         LEFT JOIN {CustomerMinute._meta.db_table} m
             ON m.customer_id = %s AND m.minute_start = %s
-    """  # noqa: S608 - table names and placeholders only
+    """  # noqa: S608 - table names, a constant and placeholders only
     params = [
         customer_id,
-        Lease.State.OPEN.value,
         connection.ops.adapt_datetimefield_value(previous_minute),
         True,
         customer_id,
-        Lease.State.OPEN.value,
         connection.ops.adapt_datetimefield_value(minute_start),
         customer_id,
         *live,
         customer_id,
         connection.ops.adapt_datetimefield_value(minute_start),
     ]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     minute_id, granted, refunded, carried_in, throttled, open_spill, running, rate, due = row
@@ -166,7 +167,7 @@ def with_minute_row(pool: Pool, *, customer_id: int, minute_start: datetime, cap
 
 def charge(*, minute_id: int, size: int, cap: int) -> None:
     """Charge a grant to its minute, and note the cap it was granted under."""
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"UPDATE {CustomerMinute._meta.db_table} SET granted = granted + %s, cap = %s"  # noqa: S608
             " WHERE id = %s",
@@ -177,7 +178,7 @@ def charge(*, minute_id: int, size: int, cap: int) -> None:
 def apply_settlement(lease: Lease, settlement: pacing.Settlement) -> None:
     """Move a settled lease's budget: refunds and counts to its own minute, what may have crossed
     to the next one (as `carried_in`)."""
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"""UPDATE {CustomerMinute._meta.db_table}
                 SET refunded = refunded + %s, sent = sent + %s, failed = failed + %s,

@@ -14,7 +14,7 @@ import orjson
 from django.db import connection
 from django.db.models import Case, F, Value, When
 
-from . import pacing
+from . import pacing, prepared
 from .models import Message, Recipient
 
 QUEUED = Recipient.Status.QUEUED.value
@@ -80,6 +80,22 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     Addresses on the customer's suppression list are marked suppressed in the same statement and
     are not leased.
     """
+    with prepared.cursor() as cursor:
+        cursor.execute(claim_sql(), [message_id, after_id, limit, customer_id])
+        rows = cursor.fetchall()
+    leased = []
+    suppressed = 0
+    for recipient_id, status, email, merge_json in sorted(rows):
+        if status == SUPPRESSED:
+            suppressed += 1
+            continue
+        leased.append(Claimed(recipient_id, message_id, email, merge_json or "{}"))
+    last_id = max((row[0] for row in rows), default=after_id)
+    return ClaimResult(leased=leased, suppressed=suppressed, scanned=len(rows), last_id=last_id)
+
+
+def claim_sql() -> str:
+    """The claim's statement; its parameters: message id, cursor, limit, customer id."""
     if _is_postgres():
         # The UPDATE finds the picked rows again by their physical address (a TID scan) rather
         # than by primary key. The address is that of the version the lock was taken on (a row
@@ -94,33 +110,22 @@ def claim(*, customer_id: int, message_id: int, after_id: int, limit: int) -> Cl
     else:  # SQLite: no row locks (its writers are serialized), JSON is text anyway
         lock, key, picked = "", "id", "id IN (SELECT id FROM picked)"
         merge_text = "merge_data"
-    sql = f"""
+    # The statuses are constants in the text (a prepared statement's generic plan uses the
+    # partial claim index only for a literal `status = 'queued'`: sending/prepared.py).
+    return f"""
         WITH picked AS (
             SELECT {key} FROM sending_recipient
-            WHERE message_id = %s AND status = %s AND id > %s
+            WHERE message_id = %s AND status = '{QUEUED}' AND id > %s
             ORDER BY id LIMIT %s {lock}
         )
         UPDATE sending_recipient SET status = CASE
             WHEN EXISTS (
                 SELECT 1 FROM customers_suppression s
                 WHERE s.customer_id = %s AND lower(s.email) = lower(sending_recipient.email)
-            ) THEN %s ELSE %s END
+            ) THEN '{SUPPRESSED}' ELSE '{LEASED}' END
         WHERE {picked}
         RETURNING id, status, email, {merge_text}
     """  # noqa: S608 - only constant fragments are interpolated
-    params = [message_id, QUEUED, after_id, limit, customer_id, SUPPRESSED, LEASED]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    leased = []
-    suppressed = 0
-    for recipient_id, status, email, merge_json in sorted(rows):
-        if status == SUPPRESSED:
-            suppressed += 1
-            continue
-        leased.append(Claimed(recipient_id, message_id, email, merge_json or "{}"))
-    last_id = max((row[0] for row in rows), default=after_id)
-    return ClaimResult(leased=leased, suppressed=suppressed, scanned=len(rows), last_id=last_id)
 
 
 def claim_from(message: Message, wanted: int, after: int) -> tuple[list[Claimed], int]:
@@ -194,7 +199,7 @@ def move_cursors(ahead: Ahead) -> None:
     Written only if no other check-in moved it since it was read.
     """
     table = connection.ops.quote_name(Message._meta.db_table)
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         for message in ahead.messages:
             position = ahead.positions.get(message.pk)
             if position is None or position == message.claim_after:
@@ -203,6 +208,15 @@ def move_cursors(ahead: Ahead) -> None:
                 f"UPDATE {table} SET claim_after = %s WHERE id = %s AND claim_after = %s",  # noqa: S608
                 [position, message.pk, message.claim_after],
             )
+
+
+# A message's queued recipients past a cursor, up to a limit; parameters: message id, cursor,
+# limit. Only the ids, so the count is answered from the claim index alone (its status a
+# literal, as in `claim_sql`).
+BACKLOG_SQL = f"""SELECT COUNT(*) FROM (
+        SELECT id FROM {Recipient._meta.db_table}
+        WHERE message_id = %s AND status = '{QUEUED}' AND id > %s ORDER BY id LIMIT %s
+    ) AS ahead"""  # noqa: S608 - table name and a constant only
 
 
 def count_backlog(
@@ -233,18 +247,13 @@ def count_backlog(
             )
         )
     exact_up_to = limits.batch_size * (limits.max_workers + 1)
-    # Only the ids, so the count is answered from the claim index alone.
-    sql = f"""SELECT COUNT(*) FROM (
-            SELECT id FROM {Recipient._meta.db_table}
-            WHERE message_id = %s AND status = %s AND id > %s ORDER BY id LIMIT %s
-        ) AS ahead"""  # noqa: S608 - table name only
     counted = 0
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         for from_cursor in (True, False):
             counted = 0
             for message in messages:
                 after = cursors.get(message.pk, message.claim_after) if from_cursor else 0
-                cursor.execute(sql, [message.pk, QUEUED, after, exact_up_to + 1 - counted])
+                cursor.execute(BACKLOG_SQL, [message.pk, after, exact_up_to + 1 - counted])
                 counted += cursor.fetchone()[0]
                 if counted > exact_up_to:
                     return max(counted, limits.per_minute + 1)
@@ -289,7 +298,7 @@ def record(changes: Sequence[StatusChange], *, max_attempts: int) -> int:
         WHERE r.id = u.id
     """  # noqa: S608 - constant SQL fragments only
     params = [*status_params, orjson.dumps(changes).decode()]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
 

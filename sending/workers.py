@@ -9,6 +9,7 @@ from django.db import connection
 
 from customers.models import Customer
 
+from . import prepared
 from .models import Worker
 
 # What a check-in changes on its worker's row.
@@ -40,7 +41,7 @@ def save_checkin(worker: Worker) -> None:
     quote = connection.ops.quote_name
     assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
     params = [f.get_db_prep_save(getattr(worker, f.attname), connection) for f in fields]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         cursor.execute(
             f"UPDATE {quote(Worker._meta.db_table)} SET {assignments} WHERE id = %s",  # noqa: S608
             [*params, worker.pk],

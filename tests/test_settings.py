@@ -160,3 +160,29 @@ def test_check_deploy_refuses_a_plain_http_public_url(tmp_path):
     result = _manage("check", "--deploy", env=env)
     assert result.returncode != 0
     assert "emailops.E010" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("value", "threshold"), [(None, 5), ("false", None)])
+def test_prepared_statements_are_on_unless_turned_off(tmp_path, value, threshold):
+    """On PostgreSQL, psycopg may prepare (sending/prepared.py) unless the environment says no
+    (a pooler in transaction mode); Django's own default, None, prepares nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_PREPARED_STATEMENTS"}
+    if value is not None:
+        env["DATABASE_PREPARED_STATEMENTS"] = value
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c",
+         "from django.conf import settings; "
+         "print(repr(settings.DATABASES['default']['OPTIONS'].get('prepare_threshold')))"],
+        cwd=ROOT,
+        env={
+            **env,
+            "DEBUG": "true",
+            "EMAILOPS_VAR_DIR": str(tmp_path),
+            "DATABASE_URL": "postgres://emailops@db.invalid:5432/emailops",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr(threshold)
