@@ -32,7 +32,7 @@ Phases
 4. Open loop (``bench.open_loop``; skipped with ``--no-open-loop``), on the same server right
    after phase 1: two more customers with ``max_workers=8`` and 16 simulated workers; check-ins
    arrive on a Poisson schedule at 25 %, 50 % and 75 % of the capacity phase 1 measured
-   (check-ins per second), batch 500, each level 2 s warm-up + 15 s; a check-in's latency is
+   (check-ins per second), batch 500, each level 2 s warm-up + 40 s; a check-in's latency is
    measured from its scheduled arrival, so waiting for a free worker counts (no coordinated
    omission). ``--http-only`` skips phases 2 and 3.
 
