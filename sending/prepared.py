@@ -19,32 +19,29 @@ nothing (the connection's `prepare_threshold` is None, emailops/settings.py). SQ
 cursor.
 """
 
+import psycopg
 from django.db import connection
 
-try:
-    import psycopg
-except ImportError:  # SQLite-only installs
-    psycopg = None
 
+class _PreparingCursor(psycopg.Cursor):
+    """Server-side binding, and every statement prepared on its connection."""
 
-if psycopg is not None:
-
-    class _PreparingCursor(psycopg.Cursor):
-        """Server-side binding, and every statement prepared on its connection."""
-
-        def execute(self, query, params=None, *, prepare=None, binary=None):
-            return super().execute(query, params, prepare=True, binary=binary)
+    def execute(self, query, params=None, *, prepare=None, binary=None):
+        return super().execute(query, params, prepare=True, binary=binary)
 
 
 def cursor():
     """A cursor to use as `connection.cursor()` is (a context manager; statements logged and
     errors wrapped as Django's are)."""
-    if psycopg is None or connection.vendor != "postgresql":
+    if connection.vendor != "postgresql":
         return connection.cursor()
+    # What `connection.cursor()` does before it makes a cursor (BaseDatabaseWrapper._cursor).
+    connection.close_if_health_check_failed()
     connection.ensure_connection()
     if connection.connection.prepare_threshold is None:
         return connection.cursor()
-    raw = _PreparingCursor(connection.connection)
+    with connection.wrap_database_errors:
+        raw = _PreparingCursor(connection.connection)
     if connection.queries_logged:
         return connection.make_debug_cursor(raw)
     return connection.make_cursor(raw)
