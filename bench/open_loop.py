@@ -86,6 +86,9 @@ class Level:
     scheduled: int
     samples: list[tuple[float, float, int, int, str, int | None]] = field(default_factory=list)
     late_starts: int = 0
+    # CPU seconds this process (the simulated workers' threads) used during the level: the
+    # load generator shares the machine's cores with the server and PostgreSQL.
+    client_cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -181,6 +184,7 @@ def run_level(workers: list[SimWorker], port: int, rate_per_s: float, seed: int)
             return next(counter)
 
     start = time.monotonic() + 0.2
+    cpu_before = time.process_time()
     threads = [
         threading.Thread(target=_run_worker, args=(w, port, start, times, nxt, level))
         for w in workers
@@ -189,6 +193,7 @@ def run_level(workers: list[SimWorker], port: int, rate_per_s: float, seed: int)
         thread.start()
     for thread in threads:
         thread.join()
+    level.client_cpu_s = time.process_time() - cpu_before
     return level
 
 
@@ -219,6 +224,8 @@ def summary(level: Level) -> dict:
         "held_p50": _percentile([s[5] for s in measured if s[5] is not None], 50),
         "held_p99": _percentile([s[5] for s in measured if s[5] is not None], 99),
         "late_starts": level.late_starts,
+        # over every check-in of the level, the warm-up's included
+        "client_cpu_ms_per_checkin": level.client_cpu_s * 1000 / max(1, len(level.samples)),
         "decisions": decisions,
         "errors": level.errors,
     }

@@ -672,7 +672,8 @@ def _print_open_loop(capacity: float, opened: dict[str, dict]) -> None:
             f"({level['full']} of 500 in / 500 out: p50 {_ms(level['full_p50'])}, "
             f"p99 {_ms(level['full_p99'])}); server's hold before deciding p50 "
             f"{_ms(level['held_p50'])}, p99 {_ms(level['held_p99'])}; sent late "
-            f"{level['late_starts']}; decisions {level['decisions']}"
+            f"{level['late_starts']}; decisions {level['decisions']}; the load generator's CPU "
+            f"{_ms(level['client_cpu_ms_per_checkin'])} a check-in"
         )
 
 

@@ -48,6 +48,9 @@ def test_the_summary_counts_from_the_schedule_and_leaves_the_warm_up_out():
     # The server's hold, from the grants only.
     assert summary["held_p50"] == 8
     assert summary["held_p99"] == 12
+    # The load generator's CPU, over every check-in it sent (the warm-up's too).
+    level.client_cpu_s = 0.025
+    assert open_loop.summary(level)["client_cpu_ms_per_checkin"] == 5.0
 
 
 def test_the_messages_hold_what_every_level_consumes_above_the_floor():
