@@ -3,8 +3,9 @@
 Django binds parameters on the client and never prepares a statement (its ORM cannot promise
 SQL that prepares well, and prepared statements trouble some connection poolers). For the
 statements every check-in and progress call runs, that cost is the server's to pay again each
-time: planning alone was 1.5 ms of PostgreSQL's CPU per check-in, and quoting the parameters
-into the SQL text was a tenth of the web process's (docs/benchmarks.md, eighth session).
+time: planning alone was 1.5 ms of PostgreSQL's CPU per check-in (docs/benchmarks.md, eighth
+session), and quoting the parameters into the SQL text about 4 % of the web process's CPU (in a
+py-spy profile of `bench.worker_api`).
 `cursor()` gives those statements a psycopg cursor that binds on the server and prepares each
 statement on its connection the first time it runs there.
 
