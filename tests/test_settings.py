@@ -138,20 +138,26 @@ ENGINE_DEFAULTS = {
 }
 
 
-def test_the_engine_settings_have_their_defaults_without_the_environment(tmp_path):
-    names = ", ".join(f"{name!r}: settings.{name}" for name in ENGINE_DEFAULTS)
-    env = {k: v for k, v in os.environ.items() if k not in ENGINE_DEFAULTS}
+def _settings_repr(expression: str, env: dict[str, str]) -> str:
+    """repr() of a settings expression, as a development process with `env` computes it."""
     result = subprocess.run(
         [sys.executable, "manage.py", "shell", "--no-imports", "-c",
-         f"from django.conf import settings; print(repr({{{names}}}))"],
+         f"from django.conf import settings; print(repr({expression}))"],
         cwd=ROOT,
-        env={**env, "DEBUG": "true", "EMAILOPS_VAR_DIR": str(tmp_path)},
+        env={**env, "DEBUG": "true"},
         capture_output=True,
         text=True,
         timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert eval(result.stdout.strip()) == ENGINE_DEFAULTS  # noqa: S307 - our own repr of a dict
+    return result.stdout.strip()
+
+
+def test_the_engine_settings_have_their_defaults_without_the_environment(tmp_path):
+    names = ", ".join(f"{name!r}: settings.{name}" for name in ENGINE_DEFAULTS)
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_DEFAULTS}
+    shown = _settings_repr(f"{{{names}}}", {**env, "EMAILOPS_VAR_DIR": str(tmp_path)})
+    assert eval(shown) == ENGINE_DEFAULTS  # noqa: S307 - our own repr of a dict
 
 
 def test_check_deploy_refuses_a_plain_http_public_url(tmp_path):
@@ -169,20 +175,9 @@ def test_prepared_statements_are_on_unless_turned_off(tmp_path, value, threshold
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_PREPARED_STATEMENTS"}
     if value is not None:
         env["DATABASE_PREPARED_STATEMENTS"] = value
-    result = subprocess.run(
-        [sys.executable, "manage.py", "shell", "--no-imports", "-c",
-         "from django.conf import settings; "
-         "print(repr(settings.DATABASES['default']['OPTIONS'].get('prepare_threshold')))"],
-        cwd=ROOT,
-        env={
-            **env,
-            "DEBUG": "true",
-            "EMAILOPS_VAR_DIR": str(tmp_path),
-            "DATABASE_URL": "postgres://emailops@db.invalid:5432/emailops",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == repr(threshold)
+    env |= {
+        "EMAILOPS_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": "postgres://emailops@db.invalid:5432/emailops",
+    }
+    shown = _settings_repr("settings.DATABASES['default']['OPTIONS'].get('prepare_threshold')", env)
+    assert shown == repr(threshold)

@@ -32,6 +32,8 @@ def test_nothing_is_prepared_when_turned_off(postgres):
     try:
         connection.connection.prepare_threshold = None
         with prepared.cursor() as cursor:
+            # Django's own cursor: binding on the client too, as everywhere else.
+            assert not isinstance(cursor.cursor, prepared._PreparingCursor)
             cursor.execute("SELECT 1 AS unprepared_probe")
     finally:
         connection.connection.prepare_threshold = threshold
