@@ -6,6 +6,7 @@ import itertools
 
 from bench import checkin_cpu
 from sending.models import Message
+from tests.conftest import _missing
 from tests.factories import make_customer
 
 
@@ -31,7 +32,8 @@ def test_shuffled_addresses_come_through_the_import_in_file_order(postgres):
 
 def test_the_backend_cpu_is_read_and_grows_with_work(postgres):
     before = checkin_cpu._backend_cpu_s()
-    assert before is not None  # the test database runs on this machine
+    if before is None:
+        _missing("PostgreSQL runs elsewhere: its backend has no /proc entry here")
     with postgres.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM generate_series(1, 3000000)")
     after = checkin_cpu._backend_cpu_s()
