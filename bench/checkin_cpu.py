@@ -40,6 +40,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from bench import proc_cpu
 from bench.support import delete_customers, ensure_database, insert_queued_recipients
 
 BATCH = 500
@@ -112,11 +113,9 @@ def _backend_cpu_s() -> float | None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    if not Path(f"/proc/{pid}").exists():
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_cpu.cpu_s([pid])
 
 
 def _report(answer: dict) -> dict:
